@@ -1,0 +1,61 @@
+# dsv3_ref: `make run` executes every notebook, `make test` runs all tests (what CI runs via .ci/run).
+PY ?= python3
+VENV ?= .venv
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dsv3_ref-installed
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+LINT_PATHS := $(wildcard dsv3_ref tests benchmarks)
+
+.PHONY: help venv test lab run notebooks lint book clean
+
+help:
+	@echo "make run    set up $(VENV) and execute every notebook in place (alias: make notebooks)"
+	@echo "make lab    set up $(VENV) and open the notebooks in JupyterLab"
+	@echo "make test   set up $(VENV) and run the unit tests and the notebook checks (nbval)"
+	@echo "make lint   ruff check"
+	@echo "make book   build the book"
+	@echo "make clean  remove build outputs and caches (keeps $(VENV))"
+
+venv: $(STAMP)
+
+# torch first, pinned by constraints.txt: an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -c constraints.txt -e '.[dev,hf,notebooks,book]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest tests
+ifneq ($(NOTEBOOKS),)
+	$(BIN)/python -m pytest --nbval notebooks --nbval-current-env \
+		--nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+else
+	@echo "no notebooks/*.ipynb yet: skipping the nbval step"
+endif
+
+lab: venv
+	$(BIN)/jupyter lab notebooks
+
+# Executes the notebooks in teaching order (NN_ prefix) and stores their outputs, which nbval then checks.
+run: venv
+ifneq ($(NOTEBOOKS),)
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
+		--NotebookClient.record_timing=False $(NOTEBOOKS)
+else
+	@echo "no notebooks/*.ipynb yet: nothing to run"
+endif
+
+notebooks: run
+
+lint: venv
+	$(BIN)/ruff check $(LINT_PATHS)
+
+book: venv
+	@if [ -f book/build.py ]; then $(BIN)/python -m book.build; else echo "book not set up yet"; fi
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache book/_build
+	find $(wildcard dsv3_ref tests notebooks benchmarks book) -type d \
+		\( -name __pycache__ -o -name .ipynb_checkpoints \) -prune -exec rm -rf {} +
