@@ -1,0 +1,421 @@
+"""Parameter, KV-cache and FLOP accounting for a `ModelConfig`, in closed form and from the instantiated model.
+
+Conventions (facts sheet §5; report §4.2):
+
+* Every count includes the gate's correction bias (`e_score_correction_bias`, 1 per routed expert, present only
+  with sigmoid scoring): the official code stores it as a parameter; we, like transformers, keep it as a buffer.
+* **Total** = the main model (embedding, `n_layers` blocks, final norm, head) without the MTP modules: the report's
+  671B. Each MTP module is counted *as stored* but without the embedding and head it shares with the main model:
+  block + eh_proj + enorm + hnorm + norm (the hub's `shared_head.norm`).
+* **Activated** parameters per token = everything a token passes through: all attention and dense layers, and per
+  MoE layer the `n_activated_experts` chosen routed experts, the shared experts, the gate (weight and bias) and the
+  two block norms; plus the final norm. Three conventions differ only by the embedding and the head:
+  `activated_params(cfg, head=False)` (body only), `activated_params(cfg)` (body + head: the convention that gives
+  the report's "37B" = 36.6B, V2-Lite's "2.4B" and V2's "21B") and `activated_params(cfg, embedding=True)`.
+
+`param_counts(cfg)` (closed form, no module built) and `meta_param_counts(cfg)` (the `Transformer` built on the meta
+device, its named parameters and buffers grouped by name) return the same `COMPONENTS` dict; `check_counts(cfg)`
+asserts that they agree exactly. `report(cfg)` prints everything; `python -m dsv3_ref info 671B` is its CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+import torch
+from torch import nn
+
+from .config import ATTN_IMPLS, PRESETS, ModelConfig
+
+# whole-model components, in the order the report prints them; "mtp" is every MTP module, as stored (see above)
+COMPONENTS = ("embed", "attention", "block_norms", "dense_mlp", "routed_experts", "shared_experts", "gate_weight",
+              "gate_bias", "final_norm", "head", "mtp")
+MAIN_COMPONENTS = COMPONENTS[:-1]
+
+# KV-cache layouts compared by `kv_cache_bytes`
+KV_SCHEMES = ("mla", "naive", "mha", "gqa", "mqa")
+
+
+# ---------------------------------------------------------------------------------------------- closed form
+def mla_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of one MLA layer by projection (official names), and their sum under "total".
+
+    With query compression (q_lora_rank = d_c' > 0): wq_a (d_c' x dim), q_norm (d_c'), wq_b (H*(d_h+d_r) x d_c');
+    without (V2-Lite): wq (H*(d_h+d_r) x dim). Always: wkv_a ((d_c+d_r) x dim), kv_norm (d_c),
+    wkv_b (H*(d_h+d_v) x d_c), wo (dim x H*d_v). 187,107,328 at 671B.
+    """
+    H, d = cfg.n_heads, cfg.dim
+    q_out = H * cfg.qk_head_dim
+    if cfg.q_lora_rank:
+        parts = {"wq_a": d * cfg.q_lora_rank, "q_norm": cfg.q_lora_rank, "wq_b": cfg.q_lora_rank * q_out}
+    else:
+        parts = {"wq": d * q_out}
+    parts.update({
+        "wkv_a": d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+        "kv_norm": cfg.kv_lora_rank,
+        "wkv_b": cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+        "wo": H * cfg.v_head_dim * d,
+    })
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def layer_params(cfg: ModelConfig) -> dict[str, int]:
+    """Per-layer building blocks (closed form).
+
+    Keys: mla, dense_mlp (3*dim*inter_dim), expert (one routed expert, 3*dim*moe_inter_dim), routed_experts
+    (all of one layer), shared_experts (one SwiGLU of width n_shared_experts*moe_inter_dim; 0 without), gate_weight
+    (n_routed_experts*dim), gate_bias (n_routed_experts with sigmoid scoring, else 0), block_norms (attn_norm +
+    ffn_norm, 2*dim), dense_layer, moe_layer, moe_layer_activated (top-k routed + shared + gate + MLA + norms),
+    eh_proj (the MTP projection M, dim x 2*dim), mtp_module (MoE block + eh_proj + enorm + hnorm + norm).
+    """
+    d = cfg.dim
+    p = {
+        "mla": mla_params(cfg)["total"],
+        "dense_mlp": 3 * d * cfg.inter_dim,
+        "expert": 3 * d * cfg.moe_inter_dim,
+        "shared_experts": 3 * d * cfg.n_shared_experts * cfg.moe_inter_dim,
+        "gate_weight": cfg.n_routed_experts * d,
+        "gate_bias": cfg.n_routed_experts if cfg.score_func == "sigmoid" else 0,
+        "block_norms": 2 * d,
+        "eh_proj": 2 * d * d,
+    }
+    p["routed_experts"] = cfg.n_routed_experts * p["expert"]
+    attn = p["mla"] + p["block_norms"]
+    router_and_shared = p["shared_experts"] + p["gate_weight"] + p["gate_bias"]
+    p["dense_layer"] = attn + p["dense_mlp"]
+    p["moe_layer"] = attn + p["routed_experts"] + router_and_shared
+    p["moe_layer_activated"] = attn + cfg.n_activated_experts * p["expert"] + router_and_shared
+    mtp_block = p["moe_layer"] if cfg.is_moe_layer(cfg.n_layers) else p["dense_layer"]
+    p["mtp_module"] = mtp_block + p["eh_proj"] + 3 * d
+    return p
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Whole-model parameters (buffers included) by `COMPONENTS`, in closed form: nothing is instantiated."""
+    p = layer_params(cfg)
+    L, n_moe, d = cfg.n_layers, cfg.n_moe_layers, cfg.dim
+    return {
+        "embed": cfg.vocab_size * d,
+        "attention": L * p["mla"],
+        "block_norms": L * p["block_norms"],
+        "dense_mlp": cfg.n_dense_layers * p["dense_mlp"],
+        "routed_experts": n_moe * p["routed_experts"],
+        "shared_experts": n_moe * p["shared_experts"],
+        "gate_weight": n_moe * p["gate_weight"],
+        "gate_bias": n_moe * p["gate_bias"],
+        "final_norm": d,
+        "head": d * cfg.vocab_size,
+        "mtp": cfg.n_mtp_layers * p["mtp_module"],
+    }
+
+
+def total_params(cfg: ModelConfig) -> int:
+    """Main-model parameters without MTP (671,026,419,200 at 671B: the report's "671B")."""
+    counts = param_counts(cfg)
+    return sum(counts[k] for k in MAIN_COMPONENTS)
+
+
+def mtp_params(cfg: ModelConfig) -> int:
+    """All MTP modules as stored, without the shared embedding and head (11,610,068,224 at 671B, D = 1)."""
+    return param_counts(cfg)["mtp"]
+
+
+def activated_params(cfg: ModelConfig, head: bool = True, embedding: bool = False) -> int:
+    """Parameters one token passes through in the main model (see the module docstring for what counts).
+
+    The default (head, no embedding) is the report's convention: 36,625,618,432 at 671B ("37B"). head=False gives
+    the body only (35,698,939,392); embedding=True adds the embedding row's table (37,552,297,472).
+    """
+    p = layer_params(cfg)
+    n = (cfg.n_dense_layers * p["dense_layer"] + cfg.n_moe_layers * p["moe_layer_activated"] + cfg.dim)
+    return n + head * cfg.dim * cfg.vocab_size + embedding * cfg.vocab_size * cfg.dim
+
+
+def mtp_activated_params(cfg: ModelConfig) -> int:
+    """Activated parameters per token of all MTP modules, without the shared embedding and head: per module the
+    block with its top-k routed + shared experts, eh_proj and three norms (688,100,608 at 671B)."""
+    p = layer_params(cfg)
+    block = p["moe_layer_activated"] if cfg.is_moe_layer(cfg.n_layers) else p["dense_layer"]
+    return cfg.n_mtp_layers * (block + p["eh_proj"] + 3 * cfg.dim)
+
+
+# ---------------------------------------------------------------------------------------------- from the model
+_NAME_RULES = [  # (regex on a parameter/buffer name, component); the first match wins
+    (r"embed\.", "embed"),
+    (r"head\.", "head"),
+    (r"norm\.weight$", "final_norm"),
+    (r"mtp\.", "mtp"),
+    (r"layers\.\d+\.attn\.", "attention"),
+    (r"layers\.\d+\.(attn_norm|ffn_norm)\.", "block_norms"),
+    (r"layers\.\d+\.ffn\.experts\.", "routed_experts"),
+    (r"layers\.\d+\.ffn\.shared_experts\.", "shared_experts"),
+    (r"layers\.\d+\.ffn\.gate\.weight$", "gate_weight"),
+    (r"layers\.\d+\.ffn\.gate\.bias$", "gate_bias"),
+    (r"layers\.\d+\.ffn\.w[123]\.", "dense_mlp"),
+]
+
+
+def component_of(name: str) -> str:
+    """The `COMPONENTS` entry a `Transformer` parameter or buffer name belongs to (ValueError if none)."""
+    for pattern, component in _NAME_RULES:
+        if re.match(pattern, name):
+            return component
+    raise ValueError(f"component_of: cannot classify parameter/buffer {name!r}")
+
+
+def count_by_component(model: nn.Module) -> dict[str, int]:
+    """numel of a `Transformer`'s named parameters AND buffers (the gate bias is a buffer), grouped by component."""
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        counts[component_of(name)] += t.numel()
+    return counts
+
+
+def meta_param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """`count_by_component` of `Transformer(cfg)` built on the meta device (shapes only, no memory; ~10 s at 671B)."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return count_by_component(model)
+
+
+def check_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Build the model on the meta device and check every component against `param_counts`; returns the counts.
+
+    Raises RuntimeError listing each component that differs (that would be a bug in this module or the model).
+    """
+    closed, meta = param_counts(cfg), meta_param_counts(cfg)
+    bad = [f"{k}: closed form {closed[k]:,} != model {meta[k]:,}" for k in COMPONENTS if closed[k] != meta[k]]
+    if bad:
+        raise RuntimeError("parameter accounting disagrees with the model: " + "; ".join(bad))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+def kv_cache_elements(cfg: ModelConfig, scheme: str = "mla", n_kv_heads: int | None = None) -> int:
+    """Values cached per token per layer.
+
+    mla   : d_c + d_r (the normalised latent and the one shared rotated key; the absorb path's cache): 576 at 671B.
+    naive : H*(d_h+d_r) + H*d_v (the official naive path's per-head K and V; our `attn_impl="naive"` cache): 40,960.
+    mha   : 2*H*d_h, a standard multi-head attention with K and V of head dim d_h = qk_nope_head_dim: 32,768.
+    gqa   : 2*n_kv_heads*d_h (n_kv_heads in [1, H] shared K/V heads); mqa is gqa with one K/V head: 256.
+    """
+    H, dh = cfg.n_heads, cfg.qk_nope_head_dim
+    if scheme == "mla":
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    if scheme == "naive":
+        return H * cfg.qk_head_dim + H * cfg.v_head_dim
+    if scheme == "mha":
+        return 2 * H * dh
+    if scheme == "mqa":
+        return 2 * dh
+    if scheme == "gqa":
+        if not (isinstance(n_kv_heads, int) and 1 <= n_kv_heads <= H):
+            raise ValueError(f"kv_cache: scheme 'gqa' needs n_kv_heads in [1, n_heads={H}], got {n_kv_heads!r}")
+        return 2 * n_kv_heads * dh
+    raise ValueError(f"kv_cache: scheme must be one of {KV_SCHEMES}, got {scheme!r}")
+
+
+def kv_cache_bytes(cfg: ModelConfig, scheme: str = "mla", dtype_bytes: float = 2, seq_len: int = 1,
+                   batch_size: int = 1, n_kv_heads: int | None = None) -> int:
+    """Bytes of KV cache for `batch_size` sequences of `seq_len` tokens over the `n_layers` main layers:
+    kv_cache_elements * n_layers * dtype_bytes * seq_len * batch_size (2 bytes = bf16).
+
+    At 671B, per token in bf16: MLA 70,272 B; MHA 3,997,696 B (56.9x); naive 4,997,120 B (71.1x).
+    """
+    if not (isinstance(dtype_bytes, (int, float)) and dtype_bytes > 0):
+        raise ValueError(f"kv_cache: dtype_bytes must be a positive number, got {dtype_bytes!r}")
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if not (isinstance(value, int) and value >= 0):
+            raise ValueError(f"kv_cache: {name} must be a non-negative integer, got {value!r}")
+    n = kv_cache_elements(cfg, scheme, n_kv_heads) * cfg.n_layers * seq_len * batch_size * dtype_bytes
+    return int(n)
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def matmul_params_per_token(cfg: ModelConfig) -> int:
+    """Weights a token multiplies by in the main model's forward pass: every MLA linear (wq_a, wq_b or wq, wkv_a,
+    wkv_b, wo), dense MLPs, the top-k routed and the shared experts, the gate weight, and the head.
+
+    Not counted: the embedding (a lookup), RMSNorm weights (elementwise) and the gate bias (an addition).
+    The absorb path multiplies by the same weights: folding W_UK into the query and W_UV into the output costs
+    2*H*d_c*(d_h + d_v) per token, exactly the naive path's wkv_b.
+    """
+    mla = mla_params(cfg)
+    p = layer_params(cfg)
+    attn = mla["total"] - mla.get("q_norm", 0) - mla["kv_norm"]
+    moe = cfg.n_activated_experts * p["expert"] + p["shared_experts"] + p["gate_weight"]
+    return cfg.n_layers * attn + cfg.n_dense_layers * p["dense_mlp"] + cfg.n_moe_layers * moe + cfg.dim * cfg.vocab_size
+
+
+def attention_flops(cfg: ModelConfig, ctx: int, attn_impl: str = "naive") -> int:
+    """FLOPs of one query token attending to `ctx` positions in ONE layer (scores and weighted values; a
+    multiply-add is 2 FLOPs; softmax and masking are not counted).
+
+    naive : 2*H*(d_h+d_r)*ctx (q.k) + 2*H*d_v*ctx (p.v)                  = 81,920 * ctx at 671B.
+    absorb: 2*H*(d_c+d_r)*ctx (q_lat.c_kv + q_pe.k_pe) + 2*H*d_c*ctx (p.c_kv) = 278,528 * ctx at 671B: 3.4x more
+            arithmetic, but it reads only d_c + d_r = 576 cached values per position instead of 40,960.
+    For a causal sequence of length T, token i attends to i + 1 positions: the mean ctx is (T + 1) / 2.
+    """
+    if not (isinstance(ctx, int) and ctx >= 0):
+        raise ValueError(f"attention_flops: ctx must be a non-negative integer, got {ctx!r}")
+    H = cfg.n_heads
+    if attn_impl == "naive":
+        return 2 * H * (cfg.qk_head_dim + cfg.v_head_dim) * ctx
+    if attn_impl == "absorb":
+        return 2 * H * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * ctx
+    raise ValueError(f"attention_flops: attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+
+
+def forward_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "naive") -> int:
+    """Forward FLOPs of one token attending to `ctx` positions (main model):
+    2 * matmul_params_per_token + n_layers * attention_flops(ctx)."""
+    return 2 * matmul_params_per_token(cfg) + cfg.n_layers * attention_flops(cfg, ctx, attn_impl)
+
+
+def mtp_forward_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "naive") -> int:
+    """Forward FLOPs per token of all MTP modules (training only): per module 2 * (eh_proj + the block's activated
+    matmul weights + the shared head) + the block's attention over `ctx` positions."""
+    p = layer_params(cfg)
+    mla = mla_params(cfg)
+    attn = mla["total"] - mla.get("q_norm", 0) - mla["kv_norm"]
+    if cfg.is_moe_layer(cfg.n_layers):
+        ffn = cfg.n_activated_experts * p["expert"] + p["shared_experts"] + p["gate_weight"]
+    else:
+        ffn = p["dense_mlp"]
+    per_module = 2 * (p["eh_proj"] + attn + ffn + cfg.dim * cfg.vocab_size) + attention_flops(cfg, ctx, attn_impl)
+    return cfg.n_mtp_layers * per_module
+
+
+def training_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "naive", mtp: bool = False) -> int:
+    """3 x forward (the backward pass costs twice the forward: gradients for activations and for weights);
+    with mtp=True the MTP modules' forward is added before tripling."""
+    fwd = forward_flops_per_token(cfg, ctx, attn_impl)
+    if mtp:
+        fwd += mtp_forward_flops_per_token(cfg, ctx, attn_impl)
+    return 3 * fwd
+
+
+# ---------------------------------------------------------------------------------------------- report and CLI
+_LABELS = {
+    "embed": "embedding", "attention": "attention (MLA)", "block_norms": "block norms (attn_norm + ffn_norm)",
+    "dense_mlp": "dense MLPs", "routed_experts": "routed experts", "shared_experts": "shared experts",
+    "gate_weight": "gate weights", "gate_bias": "gate biases (buffers)", "final_norm": "final norm",
+    "head": "output head",
+}
+
+
+def report(cfg: ModelConfig, name: str | None = None, ctx: int | None = None, meta_counts: dict | None = None) -> str:
+    """The accounting of `cfg` as a printable table (thousands separators).
+
+    ctx: context length for the FLOP lines (default: original_seq_len, the pre-training context: 4,096 at 671B).
+    meta_counts: `check_counts(cfg)`'s result, to state that the instantiated model agrees.
+    """
+    ctx = cfg.original_seq_len if ctx is None else ctx
+    p, mla, counts = layer_params(cfg), mla_params(cfg), param_counts(cfg)
+    total = total_params(cfg)
+    W = 58
+    lines: list[str] = []
+
+    def row(label: str, value: int | str, extra: str = "") -> None:
+        v = f"{value:,}" if isinstance(value, int) else value
+        lines.append(f"  {label:<{W}}{v:>18}{extra}")
+
+    def header(label: str, column: str, extra: str = "") -> None:
+        lines.extend(["", f"{label:<{W + 2}}{column:>18}{extra}"])
+
+    title = f"dsv3_ref accounting: {name or 'config'}"
+    lines += [title, "=" * len(title),
+              f"dim {cfg.dim}, {cfg.n_layers} layers ({cfg.n_dense_layers} dense + {cfg.n_moe_layers} MoE), "
+              f"{cfg.n_heads} heads, vocab {cfg.vocab_size:,}, {cfg.n_routed_experts} routed + "
+              f"{cfg.n_shared_experts} shared experts (top-{cfg.n_activated_experts}, {cfg.score_func}), "
+              f"{cfg.n_mtp_layers} MTP module(s)",
+              f"softmax_scale = {cfg.softmax_scale:.10f}"
+              + (f" (1/sqrt({cfg.qk_head_dim}) x YaRN mscale^2, s = {cfg.rope_factor:g})" if cfg.yarn_active
+                 and cfg.rope_factor > 1 else f" (1/sqrt({cfg.qk_head_dim}))"),
+              ]
+    header("Per layer", "parameters")
+    row("MLA", p["mla"])
+    for k, v in mla.items():
+        if k != "total":
+            row(f"  {k}", v)
+    row(f"dense MLP (SwiGLU, inter_dim {cfg.inter_dim})", p["dense_mlp"])
+    row(f"one expert (moe_inter_dim {cfg.moe_inter_dim})", p["expert"])
+    row(f"routed experts ({cfg.n_routed_experts})", p["routed_experts"])
+    row(f"shared experts ({cfg.n_shared_experts})", p["shared_experts"])
+    row("gate weight + bias", f"{p['gate_weight']:,} + {p['gate_bias']:,}")
+    row("block norms", p["block_norms"])
+    row("dense layer", p["dense_layer"])
+    row("MoE layer", p["moe_layer"])
+    row("MoE layer, activated per token", p["moe_layer_activated"])
+
+    header("Model", "parameters", "     share")
+    for k in MAIN_COMPONENTS:
+        row(_LABELS[k], counts[k], f"  {100 * counts[k] / total:7.2f}%")
+    row("TOTAL (main model, without MTP)", total)
+    row(f"MTP ({cfg.n_mtp_layers} module(s), without the shared embedding and head)", counts["mtp"])
+    row("main + MTP", total + counts["mtp"])
+    if meta_counts is not None:
+        lines.append("  meta-device model: every component agrees exactly with the closed form")
+
+    header("Activated per token", "parameters")
+    row("body (no embedding, no head)", activated_params(cfg, head=False))
+    row("body + head (the report's convention: '37B' at 671B)", activated_params(cfg))
+    row("body + head + embedding", activated_params(cfg, embedding=True))
+    row("MTP modules (without the shared embedding and head)", mtp_activated_params(cfg))
+
+    mla_bytes = kv_cache_bytes(cfg, "mla")
+    header(f"KV cache, bf16, {cfg.n_layers} layers", "bytes/token", "    vs MLA")
+    for scheme, label in (("mla", f"MLA latent (d_c {cfg.kv_lora_rank} + d_r {cfg.qk_rope_head_dim})"),
+                          ("mha", f"MHA ({cfg.n_heads} heads x d_h {cfg.qk_nope_head_dim}, K + V)"),
+                          ("naive", f"naive MLA cache (K {cfg.n_heads} x {cfg.qk_head_dim} + V "
+                                    f"{cfg.n_heads} x {cfg.v_head_dim})"),
+                          ("mqa", "MQA (one K/V head)")):
+        b = kv_cache_bytes(cfg, scheme)
+        row(label, b, f"  {b / mla_bytes:7.1f}x")
+    groups = kv_cache_elements(cfg, "mla") / kv_cache_elements(cfg, "mqa")
+    lines.append(f"  (MLA caches as much as GQA with {groups:.2f} K/V heads)")
+    row(f"MLA, one sequence of max_seq_len {cfg.max_seq_len:,}", kv_cache_bytes(cfg, "mla", seq_len=cfg.max_seq_len))
+    row(f"MHA, one sequence of max_seq_len {cfg.max_seq_len:,}", kv_cache_bytes(cfg, "mha", seq_len=cfg.max_seq_len))
+
+    header(f"FLOPs per token (attending to {ctx:,} positions)", "FLOPs")
+    row("matmul weights per token (no embedding, norms, gate bias)", matmul_params_per_token(cfg))
+    row("forward, naive attention", forward_flops_per_token(cfg, ctx, "naive"))
+    row("forward, absorbed attention", forward_flops_per_token(cfg, ctx, "absorb"))
+    row("training (3 x forward, naive)", training_flops_per_token(cfg, ctx))
+    row("training incl. MTP", training_flops_per_token(cfg, ctx, mtp=True))
+    return "\n".join(lines)
+
+
+def resolve_config(spec: str) -> tuple[ModelConfig, str]:
+    """A preset name (case-insensitive) or a path to a Hugging Face config.json (or its folder) -> (cfg, label)."""
+    if str(spec).lower() in {k.lower() for k in PRESETS}:
+        cfg = ModelConfig.from_preset(spec)
+        return cfg, next(k for k in PRESETS if k.lower() == str(spec).lower()) + " preset"
+    if os.path.exists(spec):
+        return ModelConfig.from_hf(spec), os.path.basename(os.path.abspath(spec))
+    raise ValueError(f"unknown model {spec!r}: give a preset name (one of {list(PRESETS)}) or a path to a Hugging "
+                     "Face config.json or its folder")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    cfg, label = resolve_config(args.model)
+    meta = check_counts(cfg) if args.check_meta else None
+    print(report(cfg, name=label, ctx=args.ctx, meta_counts=meta))
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """`python -m dsv3_ref info MODEL [--ctx N] [--no-check-meta]`."""
+    p = subparsers.add_parser("info", help="parameter, KV-cache and FLOP accounting of a model",
+                              description="Print the parameter, activated-parameter, KV-cache and FLOP accounting.")
+    p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a path to a HF config.json or its folder")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context length for the FLOP lines (default: the config's original_seq_len)")
+    p.add_argument("--check-meta", action=argparse.BooleanOptionalAction, default=True,
+                   help="also build the model on the meta device and check the counts agree (default: on)")
+    p.set_defaults(func=_cmd_info)

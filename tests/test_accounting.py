@@ -1,0 +1,250 @@
+"""Parameter / KV-cache / FLOP accounting: the exact numbers of the facts sheet (§5, §5.5), in closed form and from
+the model built on the meta device, plus the `info` CLI."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dsv3_ref import KVCache, ModelConfig, Transformer
+from dsv3_ref import accounting as acc
+from dsv3_ref.__main__ import main
+
+# facts sheet §5.1: the 671B model by component (gate bias included as a parameter, as the official code stores it)
+FULL_671B = {
+    "embed": 926_679_040,
+    "attention": 61 * 187_107_328,  # 11,413,547,008
+    "block_norms": 61 * 14_336,
+    "dense_mlp": 3 * 396_361_728,  # 1,189,085,184
+    "routed_experts": 653_908_770_816,
+    "shared_experts": 2_554_331_136,
+    "gate_weight": 58 * 1_835_008,
+    "gate_bias": 14_848,
+    "final_norm": 7_168,
+    "head": 926_679_040,
+    "mtp": 11_610_068_224,
+}
+
+
+@pytest.fixture(scope="module")
+def cfg671():
+    return ModelConfig.from_preset("671B")
+
+
+@pytest.fixture(scope="module")
+def meta671(cfg671):
+    return acc.check_counts(cfg671)  # ~10 s: built once for the module
+
+
+# ------------------------------------------------------------------------------------------ 671B, closed form
+def test_671b_mla_per_projection(cfg671):
+    mla = acc.mla_params(cfg671)
+    assert mla == {"wq_a": 11_010_048, "q_norm": 1_536, "wq_b": 37_748_736, "wkv_a": 4_128_768, "kv_norm": 512,
+                   "wkv_b": 16_777_216, "wo": 117_440_512, "total": 187_107_328}
+
+
+def test_671b_building_blocks(cfg671):
+    p = acc.layer_params(cfg671)
+    assert p["mla"] == 187_107_328
+    assert p["dense_mlp"] == 396_361_728
+    assert p["expert"] == 44_040_192
+    assert p["shared_experts"] == 44_040_192
+    assert p["routed_experts"] == 11_274_289_152
+    assert (p["gate_weight"], p["gate_bias"]) == (1_835_008, 256)
+    assert p["block_norms"] == 14_336
+    assert p["dense_layer"] == 583_483_392
+    assert p["moe_layer"] == 11_507_286_272
+    assert p["moe_layer_activated"] == 585_318_656
+    assert p["eh_proj"] == 102_760_448
+    assert p["mtp_module"] == 11_610_068_224
+
+
+def test_671b_totals_closed_form(cfg671):
+    counts = acc.param_counts(cfg671)
+    assert counts == FULL_671B
+    assert acc.total_params(cfg671) == 671_026_419_200
+    assert acc.mtp_params(cfg671) == 11_610_068_224
+    assert counts["gate_weight"] + counts["gate_bias"] == 106_445_312
+    assert counts["block_norms"] + counts["final_norm"] == 881_664  # norms outside MLA
+
+
+def test_671b_activated_three_conventions(cfg671):
+    assert acc.activated_params(cfg671, head=False) == 35_698_939_392
+    assert acc.activated_params(cfg671) == 36_625_618_432  # the report's "37B"
+    assert acc.activated_params(cfg671, embedding=True) == 37_552_297_472
+    assert acc.mtp_activated_params(cfg671) == 688_100_608
+
+
+def test_671b_softmax_scale(cfg671):
+    assert cfg671.softmax_scale == pytest.approx(0.1352337789, abs=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ 671B, meta device
+def test_671b_meta_device_agrees(meta671):
+    assert meta671 == FULL_671B
+    assert sum(meta671[k] for k in acc.MAIN_COMPONENTS) == 671_026_419_200
+    assert meta671["mtp"] == 11_610_068_224
+
+
+# ------------------------------------------------------------------------------------------ V2 and V2-Lite
+@pytest.mark.parametrize("preset, total, activated", [
+    ("16B", 15_706_484_224, 2_451_435_008),
+    ("236B", 235_741_434_880, 20_851_512_320),
+])
+def test_v2_totals_closed_form_and_meta(preset, total, activated):
+    cfg = ModelConfig.from_preset(preset)
+    assert acc.total_params(cfg) == total
+    assert acc.activated_params(cfg) == activated  # "2.4B" / "21B": body + head
+    meta = acc.check_counts(cfg)
+    assert sum(meta[k] for k in acc.MAIN_COMPONENTS) == total
+    assert meta["gate_bias"] == 0 and meta["mtp"] == 0  # softmax scoring: no correction bias
+
+
+# ------------------------------------------------------------------------------------------ small configs
+VARIANTS = [
+    {},
+    {"q_lora_rank": 0},
+    {"n_shared_experts": 0},
+    {"n_mtp_layers": 2},
+    {"score_func": "softmax"},
+    {"n_dense_layers": 0},
+    {"n_dense_layers": 3},
+    {"q_lora_rank": 0, "n_shared_experts": 2, "n_mtp_layers": 1, "score_func": "softmax", "n_expert_groups": 1,
+     "n_limited_groups": 1},
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "tiny")
+def test_small_configs_agree_both_ways(overrides):
+    cfg = ModelConfig.from_preset("tiny", **overrides)
+    closed = acc.param_counts(cfg)
+    assert acc.check_counts(cfg) == closed
+    model = Transformer(cfg)  # a real model: the same grouping, and every tensor is counted once
+    assert acc.count_by_component(model) == closed
+    n_tensors = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    assert sum(closed.values()) == n_tensors
+    assert acc.total_params(cfg) + acc.mtp_params(cfg) == n_tensors
+    if cfg.n_mtp_layers:
+        assert closed["mtp"] == sum(p.numel() for p in model.mtp.parameters()) + sum(
+            b.numel() for b in model.mtp.buffers())
+
+
+def test_tiny_variant_details():
+    cfg = ModelConfig.from_preset("tiny", q_lora_rank=0)
+    assert set(acc.mla_params(cfg)) == {"wq", "wkv_a", "kv_norm", "wkv_b", "wo", "total"}
+    assert acc.layer_params(ModelConfig.from_preset("tiny", n_shared_experts=0))["shared_experts"] == 0
+    assert acc.param_counts(ModelConfig.from_preset("tiny", score_func="softmax"))["gate_bias"] == 0
+    two = ModelConfig.from_preset("tiny", n_mtp_layers=2)
+    assert acc.mtp_params(two) == 2 * acc.layer_params(two)["mtp_module"]
+    assert acc.mtp_activated_params(two) == 2 * acc.mtp_activated_params(two.replace(n_mtp_layers=1))
+
+
+def test_component_of_rejects_unknown_names():
+    assert acc.component_of("layers.4.ffn.gate.bias") == "gate_bias"
+    assert acc.component_of("mtp.0.block.ffn.experts.3.w1.weight") == "mtp"
+    with pytest.raises(ValueError, match="cannot classify"):
+        acc.component_of("layers.0.ffn.router.weight")
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+def test_kv_cache_671b(cfg671):
+    assert acc.kv_cache_elements(cfg671, "mla") == 576
+    assert acc.kv_cache_bytes(cfg671, "mla") == 70_272
+    assert acc.kv_cache_bytes(cfg671, "mha") == 3_997_696
+    assert acc.kv_cache_bytes(cfg671, "naive") == 4_997_120
+    assert acc.kv_cache_bytes(cfg671, "mla", seq_len=131_072) == 9_210_691_584
+    assert acc.kv_cache_bytes(cfg671, "mha", seq_len=131_072) == 523_986_010_112
+    assert acc.kv_cache_bytes(cfg671, "mla", dtype_bytes=4, seq_len=10, batch_size=3) == 70_272 * 2 * 10 * 3
+    assert acc.kv_cache_bytes(cfg671, "gqa", n_kv_heads=128) == acc.kv_cache_bytes(cfg671, "mha")
+    assert acc.kv_cache_bytes(cfg671, "gqa", n_kv_heads=1) == acc.kv_cache_bytes(cfg671, "mqa") == 31_232
+    assert acc.kv_cache_elements(cfg671, "mla") / acc.kv_cache_elements(cfg671, "mqa") == 2.25
+
+
+@pytest.mark.parametrize("preset", ["tiny", "671B"])
+def test_kv_cache_matches_the_models_cache(preset):
+    cfg = ModelConfig.from_preset(preset)
+    for impl, scheme in (("absorb", "mla"), ("naive", "naive")):
+        cache = KVCache(cfg, batch_size=2, max_len=16, attn_impl=impl, dtype=torch.bfloat16, device="meta")
+        assert cache.nbytes(16) == acc.kv_cache_bytes(cfg, scheme, dtype_bytes=2, seq_len=16, batch_size=2)
+
+
+def test_kv_cache_bad_input(cfg671):
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        acc.kv_cache_bytes(cfg671, "paged")
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        acc.kv_cache_bytes(cfg671, "gqa")
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        acc.kv_cache_bytes(cfg671, "gqa", n_kv_heads=129)
+    with pytest.raises(ValueError, match="dtype_bytes"):
+        acc.kv_cache_bytes(cfg671, "mla", dtype_bytes=0)
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+def test_flops_671b(cfg671):
+    n = acc.matmul_params_per_token(cfg671)
+    norms = 61 * (1_536 + 512 + 14_336) + 7_168
+    assert n == 36_625_618_432 - norms - 14_848 == 36_624_596_992
+    assert acc.attention_flops(cfg671, 1, "naive") == 81_920
+    assert acc.attention_flops(cfg671, 1, "absorb") == 278_528
+    fwd = acc.forward_flops_per_token(cfg671, 4096)
+    assert fwd == 2 * n + 61 * 81_920 * 4096
+    assert acc.training_flops_per_token(cfg671, 4096) == 3 * fwd
+    assert acc.training_flops_per_token(cfg671, 4096, mtp=True) == 3 * (
+        fwd + acc.mtp_forward_flops_per_token(cfg671, 4096))
+    with pytest.raises(ValueError, match="attn_impl"):
+        acc.attention_flops(cfg671, 8, "flash")
+    with pytest.raises(ValueError, match="ctx"):
+        acc.attention_flops(cfg671, -1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": 0}, {"n_shared_experts": 0, "score_func": "softmax"}])
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_flops_match_torch_flop_counter(overrides, attn_impl):
+    """torch's FlopCounterMode (matmuls only) on the tiny model agrees exactly with the closed form."""
+    cfg = ModelConfig.from_preset("tiny", **overrides)
+    model = Transformer(cfg)
+    B, S = 2, 5
+    tokens = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(tokens[:, :S], attn_impl=attn_impl)  # prefill: every query scores all S positions (masked or not)
+    assert counter.get_total_flops() == B * S * acc.forward_flops_per_token(cfg, S, attn_impl)
+    cache = model.new_cache(B, S + 1, attn_impl)
+    model(tokens[:, :S], cache=cache)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(tokens[:, S:], cache=cache)  # one decode step attending to S + 1 positions
+    assert counter.get_total_flops() == B * acc.forward_flops_per_token(cfg, S + 1, attn_impl)
+
+
+# ------------------------------------------------------------------------------------------ report and CLI
+def test_report_671b(cfg671):
+    text = acc.report(cfg671, name="671B")
+    for s in ["671,026,419,200", "35,698,939,392", "36,625,618,432", "37,552,297,472", "11,610,068,224",
+              "70,272", "3,997,696", "187,107,328", "0.1352337789"]:
+        assert s in text
+
+
+def test_cli_info_671b(capsys):
+    assert main(["info", "671B", "--no-check-meta"]) == 0
+    out = capsys.readouterr().out
+    assert "671,026,419,200" in out and "36,625,618,432" in out and "agrees exactly" not in out
+
+
+def test_cli_info_checks_meta_by_default(capsys):
+    assert main(["info", "tiny"]) == 0
+    assert "agrees exactly" in capsys.readouterr().out
+
+
+def test_cli_info_reads_hf_config(tmp_path, capsys):
+    cfg = ModelConfig.from_preset("small")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    for arg in (tmp_path, tmp_path / "config.json"):
+        assert main(["info", str(arg), "--ctx", "64"]) == 0
+        out = capsys.readouterr().out
+        assert f"{acc.total_params(cfg):,}" in out and "attending to 64 positions" in out
+
+
+def test_cli_info_bad_model(capsys):
+    assert main(["info", "700B"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model '700B'") and "'671B'" in err
