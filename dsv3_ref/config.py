@@ -222,11 +222,13 @@ class ModelConfig:
             kw["original_seq_len"] = int(rope.get("original_max_position_embeddings", 4096))
             kw["beta_fast"] = rope.get("beta_fast", 32)
             kw["beta_slow"] = rope.get("beta_slow", 1)
-            mscale, mscale_all = rope.get("mscale", 1.0), rope.get("mscale_all_dim", 0.0)
-            if mscale_all and mscale and not math.isclose(float(mscale), float(mscale_all)):
-                raise ValueError(f"from_hf: rope_scaling.mscale ({mscale}) != mscale_all_dim ({mscale_all}) is not "
-                                 "supported: the official code has one mscale (HF's mscale_all_dim)")
-            kw["mscale"] = float(mscale_all or 0.0)
+            mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+            # HF scales cos/sin by get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) when both are non-zero, else
+            # by 0.1 ln s + 1; the official code has no such factor, so only equal non-zero values are expressible
+            if not (mscale and mscale_all and math.isclose(float(mscale), float(mscale_all))):
+                raise ValueError(f"from_hf: rope_scaling.mscale ({mscale}) and mscale_all_dim ({mscale_all}) must be "
+                                 "equal and non-zero: the official code has one mscale (HF's mscale_all_dim)")
+            kw["mscale"] = float(mscale_all)
             if kw["max_seq_len"] <= kw["original_seq_len"]:
                 warnings.warn("from_hf: YaRN is configured but max_position_embeddings <= original_max_position_"
                               "embeddings, so (as in the official code) it is inactive", stacklevel=2)

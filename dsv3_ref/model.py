@@ -78,14 +78,15 @@ class Transformer(nn.Module):
         return self._freqs[device]
 
     def check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
-        """ValueError unless tokens is an integer (B, S) tensor of ids in [0, vocab_size) that fits in max_seq_len."""
+        """ValueError unless tokens is an int64/int32 (B, S) tensor of ids in [0, vocab_size) fitting max_seq_len."""
         cfg = self.config
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError(f"tokens must be a 2-D (batch, seq) tensor, got {getattr(tokens, 'shape', type(tokens))}")
-        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
-        if tokens.size(1) == 0:
-            raise ValueError("tokens must hold at least one position")
+        if tokens.dtype not in (torch.int64, torch.int32):  # the ones nn.Embedding accepts
+            raise ValueError(f"tokens must have dtype torch.int64 or torch.int32, got {tokens.dtype}")
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens must hold at least one sequence and one position, got shape "
+                             f"{tuple(tokens.shape)}")
         if start_pos + tokens.size(1) > cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + tokens.size(1)} positions exceeds "
                              f"max_seq_len={cfg.max_seq_len}")
