@@ -5,6 +5,11 @@ The gate follows the official `Gate`: affinities s = sigmoid(u e) (V3) or softma
 `n_limited_groups` of `n_expert_groups` groups, scoring a group by the sum of its top-2 biased affinities (V3) or
 its best affinity (V2, no bias); the weights are the *unbiased* affinities of the chosen experts, renormalised
 (sigmoid only, as in the official code) and multiplied by `route_scale`.
+
+`Gate.group_score` chooses how a group is scored. "official" (default) is the inference code's rule above.
+"node_limited" is the training form of report §2.1.2 (node-limited routing): the groups are the nodes the experts are
+spread over, a token may use at most M = `n_limited_groups` of them, and a node scores the sum of its K_r/M highest
+(biased, if there is a bias) affinities. For V3 (K_r/M = 8/4 = 2, with a bias) the two rules are the same.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import MLP
+
+GROUP_SCORES = ("official", "node_limited")
 
 
 @dataclass
@@ -31,7 +38,7 @@ class Routing:
 class Gate(nn.Module):
     """Router. forward: x (N, dim) -> Routing with weights (N, K) summing to route_scale (sigmoid)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, group_score: str = "official"):
         super().__init__()
         self.dim, self.topk = cfg.dim, cfg.n_activated_experts
         self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
@@ -42,6 +49,38 @@ class Gate(nn.Module):
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         else:
             self.bias = None
+        self.group_score = group_score
+
+    @property
+    def group_score(self) -> str:
+        """How a group is scored: "official" (inference code) or "node_limited" (training form, sum of top K_r/M)."""
+        return self._group_score
+
+    @group_score.setter
+    def group_score(self, value: str) -> None:
+        if value not in GROUP_SCORES:
+            raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {value!r}")
+        if value == "node_limited" and self.topk % self.topk_groups:
+            raise ValueError(f"group_score='node_limited' needs n_activated_experts ({self.topk}) divisible by "
+                             f"n_limited_groups ({self.topk_groups}): a node scores its top K_r/M affinities")
+        self._group_score = value
+
+    @property
+    def group_topk(self) -> int:
+        """How many of a group's highest (biased) affinities sum to its score: official 2 with a bias, else 1 (the
+        max); node_limited K_r/M."""
+        if self.group_score == "node_limited":
+            return self.topk // self.topk_groups
+        return 1 if self.bias is None else 2
+
+    def _apply(self, fn, recurse=True):
+        """Keep the bias in fp32 through `.to(dtype)` / `.half()` (it still follows device moves): in bf16 its
+        small balancing updates would round away."""
+        bias = self.bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.bias.dtype != torch.float32:
+            self.bias = bias.to(self.bias.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> Routing:
         scores = F.linear(x.float(), self.weight.float())  # (N, E) router logits in fp32
@@ -51,10 +90,7 @@ class Gate(nn.Module):
             scores = scores + self.bias  # s_{i,t} + b_i: only chooses experts (eq. 16)
         if self.n_groups > 1:
             grouped = scores.view(x.size(0), self.n_groups, -1)  # (N, G, E/G)
-            if self.bias is None:
-                group_scores = grouped.amax(dim=-1)
-            else:
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            group_scores = grouped.topk(self.group_topk, dim=-1).values.sum(dim=-1)  # (N, G); top-1 sum = max
             keep = group_scores.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
             drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             scores = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
@@ -98,12 +134,21 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """sum_k w_{t,k} expert_{i_{t,k}}(x_t) for x (N, dim): one call per expert on its sorted slice of tokens."""
-        K = routing.indices.size(1)
-        flat = routing.indices.flatten()  # (N*K,) expert of each (token, slot) pair
-        order = flat.argsort(stable=True)  # pairs grouped by expert
-        token = order // K  # (N*K,) token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.n_routed_experts).tolist()
-        xs = x[token].split(counts)  # one contiguous (n_e, dim) slice per expert
-        out = torch.cat([self.experts[e](xe) for e, xe in enumerate(xs) if xe.numel()])  # (N*K, dim)
-        out = out * routing.weights.flatten()[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        return run_experts(self.experts, x, routing.weights, routing.indices)
+
+
+def run_experts(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t, k] * experts[indices[t, k]](x_t) for x (N, dim), weights and indices (N, K) -> (N, dim).
+
+    The (token, slot) pairs are sorted by expert so that each expert runs once on a contiguous slice (shared by `MoE`
+    and the expert-parallel layer in `dsv3_ref.parallel`, which passes only its local experts).
+    """
+    K = indices.size(1)
+    flat = indices.flatten()  # (N*K,) expert of each (token, slot) pair
+    order = flat.argsort(stable=True)  # pairs grouped by expert
+    token = order // K  # (N*K,) token of each sorted pair
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    xs = x[token].split(counts)  # one contiguous (n_e, dim) slice per expert
+    out = torch.cat([experts[e](xe) for e, xe in enumerate(xs) if xe.numel()])  # (N*K, dim)
+    out = out * weights.flatten()[order].unsqueeze(-1)
+    return torch.zeros_like(x).index_add_(0, token, out)
