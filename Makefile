@@ -14,7 +14,7 @@ help:
 	@echo "make lab    set up $(VENV) and open the notebooks in JupyterLab"
 	@echo "make test   set up $(VENV) and run the unit tests and the notebook checks (nbval)"
 	@echo "make lint   ruff check"
-	@echo "make book   build the book"
+	@echo "make book   build the book offline into book/_build/html (needs npm once, for MathJax)"
 	@echo "make clean  remove build outputs and caches (keeps $(VENV))"
 
 venv: $(STAMP)
@@ -52,8 +52,9 @@ notebooks: run
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)
 
+# Builds the book offline from the stored notebooks into book/_build/html (MathJax: npm pack mathjax@3, cached).
 book: venv
-	@if [ -f book/build.py ]; then $(BIN)/python -m book.build; else echo "book not set up yet"; fi
+	$(BIN)/python -m book.build
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache book/_build
