@@ -4,7 +4,8 @@ VENV ?= .venv
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dsv3_ref-installed
-NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# teaching order: notebooks/NN_*.ipynb, then each sub-folder (notebooks/exercises/...)
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb)) $(sort $(wildcard notebooks/*/*.ipynb))
 LINT_PATHS := $(wildcard dsv3_ref tests benchmarks)
 
 .PHONY: help venv test lab run notebooks lint book clean
@@ -39,9 +40,10 @@ lab: venv
 	$(BIN)/jupyter lab notebooks
 
 # Executes the notebooks in teaching order (NN_ prefix) and stores their outputs, which nbval then checks.
+# DSV3_SOLUTIONS=1: the exercise notebook runs with the solutions plugged in (notebooks/exercises/conftest.py).
 run: venv
 ifneq ($(NOTEBOOKS),)
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
+	DSV3_SOLUTIONS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
 		--NotebookClient.record_timing=False $(NOTEBOOKS)
 else
 	@echo "no notebooks/*.ipynb yet: nothing to run"

@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["accounting"]  # modules with an add_cli(subparsers); each adds one or more subcommands
+# modules with an add_cli(subparsers); each adds one or more subcommands
+COMMANDS = ["accounting", "train", "generate", "validate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
