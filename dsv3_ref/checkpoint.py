@@ -16,7 +16,7 @@ main ones (report §2.2), so on load those copies are compared with the main ten
 otherwise ignored, and on save they are written again, as the hub does.
 
 Released weights are FP8 (`float8_e4m3fn`) with one fp32 `<name>_scale_inv` multiplier per 128 x 128 block;
-`load_pretrained` dequantizes them (`dequantize_block_fp8`). transformers' in-memory fused expert layout
+`load_pretrained` dequantizes them (`dsv3_ref.fp8.block_dequant`). transformers' in-memory fused expert layout
 (`mlp.experts.gate_up_proj` (E, 2 I, H) = cat(gate, up), `mlp.experts.down_proj` (E, H, I)) is accepted on load;
 transformers' own `save_pretrained` converts back to the per-expert keys, which is also what we write.
 
@@ -26,7 +26,6 @@ Only safetensors are read: nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -39,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .fp8 import block_dequant
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -176,24 +176,6 @@ def hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-# ------------------------------------------------------------------ FP8 block dequantization
-def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """w (out, in) FP8 times one scale per `block` x `block` tile -> float32 (out, in).
-
-    scale_inv: (ceil(out / block), ceil(in / block)) fp32, the hub's `weight_scale_inv` (a multiplier: amax/448 of
-    the tile); edge tiles may be ragged (out or in not a multiple of `block`).
-    """
-    if w.dim() != 2:
-        raise ValueError(f"dequantize_block_fp8: weight must be 2-D, got shape {tuple(w.shape)}")
-    rows, cols = w.shape
-    expected = (math.ceil(rows / block), math.ceil(cols / block))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"dequantize_block_fp8: scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
-                         f"for a {rows} x {cols} weight in {block} x {block} blocks")
-    s = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]  # (out, in)
-    return w.float() * s
-
-
 # ------------------------------------------------------------------ reading
 def _list_keys(keys: list[str], limit: int = 10) -> str:
     shown = ", ".join(keys[:limit])
@@ -259,7 +241,7 @@ class _SafetensorsReader:
         """The tensor `key`, FP8 weights dequantized with their `_scale_inv` (float32 then)."""
         t = self._read(key)
         if t.dtype in FP8_DTYPES:
-            t = dequantize_block_fp8(t, self._read(key + SCALE_SUFFIX))
+            t = block_dequant(t, self._read(key + SCALE_SUFFIX))
         return t
 
     def _read(self, key: str) -> torch.Tensor:

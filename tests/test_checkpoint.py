@@ -12,7 +12,6 @@ from dsv3_ref import ModelConfig, Transformer
 from dsv3_ref.checkpoint import (
     INDEX_NAME,
     WEIGHTS_NAME,
-    dequantize_block_fp8,
     hub_key,
     hub_state_dict,
     key_map,
@@ -20,6 +19,7 @@ from dsv3_ref.checkpoint import (
     our_key,
     save_pretrained,
 )
+from dsv3_ref.fp8 import block_dequant
 
 TOKENS = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -171,16 +171,16 @@ def _quantize_block_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor
     return q.view(R * block, C * block)[:rows, :cols].contiguous(), scale, deq
 
 
-def test_dequantize_block_fp8_ragged_blocks():
+def test_block_dequant_ragged_blocks():
     w = torch.randn(130, 260)
     q, scale, deq = _quantize_block_fp8(w)
     assert scale.shape == (2, 3)
-    out = dequantize_block_fp8(q, scale)
+    out = block_dequant(q, scale)
     assert out.dtype == torch.float32 and torch.equal(out, deq)
     i, j = 129, 259  # the last, ragged tile (1 x 4 elements) uses scale[1, 2]
     assert out[i, j] == q[i, j].float() * scale[1, 2]
     with pytest.raises(ValueError, match=r"scale_inv has shape \(2, 2\), expected \(2, 3\)"):
-        dequantize_block_fp8(q, scale[:, :2])
+        block_dequant(q, scale[:, :2])
 
 
 FP8_MODULES = ("self_attn.", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.experts.", "mlp.shared_experts.")
