@@ -1,5 +1,10 @@
 """The DeepSeek-V3 Transformer: embedding, `n_layers` pre-norm blocks (dense FFN first, then MoE), final norm,
-untied output head, and the optional multi-token-prediction modules (report §2.2)."""
+untied output head, and the optional multi-token-prediction modules (report §2.2; their training objective and
+speculative decoding live in `dsv3_ref.mtp` and `dsv3_ref.speculative`).
+
+MTP module k combines the previous depth's hidden state with the embedding of the token k ahead:
+    h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]
+embedding first, as the checkpoint's `eh_proj` expects (the report's eq. 21 writes [h; Emb])."""
 
 from __future__ import annotations
 
@@ -33,6 +38,27 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+class MTPModule(nn.Module):
+    """Multi-token prediction module k (report eqs. 21-22), the hub's `model.layers.{n_layers + k - 1}`: enorm,
+    hnorm, eh_proj (dim x 2 dim), block, norm (`shared_head.norm`).
+
+    forward: h_prev (B, S, dim), emb (B, S, dim) -> h^k (B, S, dim), normalised."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)  # M_k
+        self.block = Block(layer_id, cfg)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: dict[str, torch.Tensor] | None = None, start_pos: int = 0,
+                attn_impl: str = "naive") -> torch.Tensor:
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, S, dim), embedding first
+        return self.norm(self.block(h, freqs_cis, mask, cache, start_pos, attn_impl))
+
+
 class Transformer(nn.Module):
     """DeepSeek-V3. `model(tokens)` with tokens (B, T) int64 returns logits (B, T, vocab_size) for every position.
 
@@ -47,8 +73,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        from .mtp import MTPModule  # mtp builds on Block
-
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
         self._freqs: dict[torch.device, torch.Tensor] = {}
         if not any(p.is_meta for p in self.parameters()):
