@@ -83,7 +83,8 @@ class Gate(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> Routing:
-        scores = F.linear(x.float(), self.weight.float())  # (N, E) router logits in fp32
+        with torch.autocast(x.device.type, enabled=False):  # the router stays fp32 even under bf16 autocast
+            scores = F.linear(x.float(), self.weight.float())  # (N, E) router logits
         scores = scores.sigmoid() if self.score_func == "sigmoid" else scores.softmax(dim=-1)
         original = scores  # s_{i,t}: gives the weights
         if self.bias is not None:
