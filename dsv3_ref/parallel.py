@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import ModelConfig
 from .moe import Gate, MoE, Routing, run_experts
 
 
@@ -152,3 +153,49 @@ def dispatch_bytes_per_token(indices: torch.Tensor, experts_per_destination: int
     this counts the token's own rank too (a local copy); with destinations = nodes it is the inter-node traffic of
     a dispatch that crosses to each node once (as DeepSeek-V3's does, then forwards over NVLink)."""
     return float(distinct_destinations(indices, experts_per_destination).float().mean()) * dim * bytes_per_value
+
+
+# ---------------------------------------------------------------------------------------------- demo
+DEMO_CASES = {
+    # 16 experts in 4 groups, 8 per rank (2 groups per rank), top-4 within 2 groups: a token may need both ranks
+    "group-limited, 2 of 4 groups": (ModelConfig.from_preset("small"), "official"),
+    # one group per rank ("node"), at most M = 1 node per token: every token is sent to exactly one rank
+    "node-limited, 1 of 2 nodes": (ModelConfig.from_preset("small", n_expert_groups=2, n_limited_groups=1),
+                                   "node_limited"),
+}
+
+
+def demo(tokens_per_rank: int = 64) -> list[str]:
+    """On an initialised 2+ rank group: for each `DEMO_CASES` entry, every rank runs the same seeded `MoE` on its own
+    tokens both whole and expert-parallel; returns (on every rank) one line per case and rank: the max difference,
+    the token copies sent per token and the dispatch bytes per token (fp32)."""
+    world, rank = _world_and_rank(None)
+    lines = []
+    for name, (cfg, group_score) in DEMO_CASES.items():
+        torch.manual_seed(0)  # identical weights on every rank
+        moe = MoE(cfg)
+        moe.gate.group_score = group_score
+        for p in moe.parameters():
+            nn.init.normal_(p, std=cfg.dim**-0.5)
+        ep = ExpertParallelMoE.from_moe(moe)
+        gen = torch.Generator().manual_seed(1 + rank)  # each rank its own tokens
+        x = torch.randn(1, tokens_per_rank, cfg.dim, generator=gen)  # (1, T, dim)
+        with torch.no_grad():
+            diff = float((ep(x) - moe(x)).abs().max())
+        copies = ep.last_sent_rows / tokens_per_rank
+        mine = (rank, diff, copies, copies * cfg.dim * 4)
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        lines.append(f"{name}: {cfg.n_routed_experts} experts, {ep.n_local} per rank, top-{cfg.n_activated_experts}")
+        lines += [f"  rank {r}: max |EP - single| = {d:.6f}, sends {c:.2f} copies/token = {b:.0f} bytes/token "
+                  f"(fp32, dim {cfg.dim})" for r, d, c, b in every]
+    return lines
+
+
+if __name__ == "__main__":  # torchrun --standalone --nproc-per-node 2 -m dsv3_ref.parallel
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    report = demo()
+    if dist.get_rank() == 0:
+        print("\n".join(report))
+    dist.destroy_process_group()
