@@ -2,16 +2,20 @@
 ratio to the float32 baseline measured side by side in one run.
 
 1. quantisation: `quantize` of a (tokens, dim) activation in 1x128 and 128x1 tiles and of a (dim, dim) weight in
-   128x128 blocks, relative to one float32 matmul of the same activation and weight;
+   128x128 blocks, relative to one float32 matmul of the same activation and weight; and the quantise-dequantise
+   round trip the emulated GEMMs consume, `fake_quantize` (rounds in float32) vs `dequantize(*quantize(...))`;
 2. GEMM: `fp8_gemm` on pre-quantised operands vs a float32 matmul, in GFLOP/s: "dequant" (the FP32-accumulation
    emulation FP8Linear uses on the CPU) on (tokens x dim x dim), and the bit-level "tensor_core" model on a smaller
    (64 x 64 x 4096) problem. ("scaled_mm" is left out: torch's CPU `_scaled_mm` is a slow reference kernel, about
    1000x a float32 matmul; on an FP8 GPU it is the real tensor-core GEMM.)
-3. layer: FP8Linear forward + backward vs nn.Linear forward + backward (same weight, same input);
+3. layer: FP8Linear forward + backward vs nn.Linear forward + backward (same weight, same input; the weight is
+   touched before every rep, as an optimizer step would, so the FP8 layer re-quantises it each time), with each GEMM
+   type alone in FP8 (`fp8_gemms`) to show what each one costs;
 4. training step: `Trainer.train_step` on a preset with `TrainConfig(precision="fp8")` vs `precision="fp32"` (same
    initial weights and data). The emulation's goal is to cost at most 2x.
 
-Each pair alternates rep by rep so machine noise hits both alike; medians are reported.
+Each group alternates rep by rep so machine noise hits all alike; medians of wall-clock and of process CPU time are
+reported (on a shared machine the CPU time is the steadier one), with the load average before and after.
 
     python benchmarks/bench_fp8.py [--tokens 2048] [--dim 1024] [--preset small] [--threads 2] [--reps 7]
     python benchmarks/bench_fp8.py --skip-train        # kernels and layer only
@@ -20,6 +24,7 @@ Each pair alternates rep by rep so machine noise hits both alike; medians are re
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -28,27 +33,30 @@ import torch
 from torch import nn
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.fp8 import FP8Linear, fp8_gemm, quantize
+from dsv3_ref.fp8 import GEMM_TYPES, FP8Linear, dequantize, fake_quantize, fp8_gemm, quantize
 from dsv3_ref.train import TrainConfig, Trainer
 
 
-def race(fns: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds per call of each function, calls alternating across the functions."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+def race(fns: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, tuple[float, float]]:
+    """(median wall seconds, median process CPU seconds) per call of each function, calls alternating across them."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for rep in range(warmup + reps):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             if rep >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {name: (statistics.median(t for t, _ in ts), statistics.median(c for _, c in ts))
+            for name, ts in times.items()}
 
 
-def report(title: str, med: dict[str, float], baseline: str, flops: float | None = None) -> None:
+def report(title: str, med: dict[str, tuple[float, float]], baseline: str, flops: float | None = None) -> None:
     print(f"\n{title}")
-    for name, t in med.items():
-        rate = f"  {flops / t / 1e9:7.2f} GFLOP/s" if flops else ""
-        print(f"  {name:>28}: {t * 1e3:9.2f} ms{rate}   x{t / med[baseline]:6.2f} of {baseline}")
+    (base_wall, base_cpu) = med[baseline]
+    for name, (wall, cpu) in med.items():
+        rate = f"  {flops / wall / 1e9:7.2f} GFLOP/s" if flops else ""
+        print(f"  {name:>28}: {wall * 1e3:9.2f} ms wall x{wall / base_wall:6.2f}, {cpu * 1e3:9.2f} ms CPU "
+              f"x{cpu / base_cpu:6.2f} of {baseline}{rate}")
 
 
 def bench_kernels(tokens: int, dim: int, warmup: int, reps: int) -> None:
@@ -59,6 +67,8 @@ def bench_kernels(tokens: int, dim: int, warmup: int, reps: int) -> None:
         "quantize x 1x128": lambda: quantize(x, "1x128"),
         "quantize x 128x1": lambda: quantize(x, "128x1"),
         "quantize W 128x128": lambda: quantize(w, "128x128"),
+        "fake_quantize x 1x128": lambda: fake_quantize(x, "1x128"),
+        "dequantize(quantize x 1x128)": lambda: dequantize(*quantize(x, "1x128"), "1x128"),
     }, warmup, reps), "fp32 matmul x W^T")
 
     (qx, sx), (qw, sw) = quantize(x, "1x128"), quantize(w, "128x128")
@@ -80,20 +90,22 @@ def bench_kernels(tokens: int, dim: int, warmup: int, reps: int) -> None:
 def bench_layer(tokens: int, dim: int, warmup: int, reps: int) -> None:
     torch.manual_seed(0)
     ref = nn.Linear(dim, dim, bias=False)
-    fp8 = FP8Linear(dim, dim, gemm="dequant")
-    with torch.no_grad():
-        fp8.weight.copy_(ref.weight)
+    layers: dict[str, nn.Module] = {"nn.Linear": ref, "FP8Linear (dequant)": FP8Linear.from_linear(ref, "dequant")}
+    for gemm in GEMM_TYPES:
+        layers[f"  {gemm} alone in FP8"] = FP8Linear.from_linear(ref, "dequant", fp8_gemms=(gemm,))
     x = torch.randn(tokens, dim)
 
     def step(layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
+            with torch.no_grad():
+                layer.weight.mul_(1.0)  # a new version of the weight, as after an optimizer step
             xr = x.clone().requires_grad_()
             layer(xr).square().mean().backward()
             layer.zero_grad(set_to_none=True)
         return run
 
     report(f"linear layer forward + backward ({tokens} tokens, {dim} -> {dim})",
-           race({"nn.Linear": step(ref), "FP8Linear (dequant)": step(fp8)}, warmup, reps), "nn.Linear")
+           race({name: step(layer) for name, layer in layers.items()}, warmup, reps), "nn.Linear")
 
 
 def bench_train(preset: str, batch: int, seq: int, warmup: int, reps: int) -> None:
@@ -107,9 +119,10 @@ def bench_train(preset: str, batch: int, seq: int, warmup: int, reps: int) -> No
     med = race({f"train_step {p}": t.train_step for p, t in trainers.items()}, warmup, reps)
     report(f"training step ({preset} preset, batch {batch} x {seq} tokens, AdamW, fp32 master weights)", med,
            "train_step fp32")
-    for name, t in med.items():
-        print(f"  {name:>28}: {n_tok / t:9.0f} tokens/s")
-    print(f"  ratio fp8 / fp32 step time: {med['train_step fp8'] / med['train_step fp32']:.2f} (goal: <= 2)")
+    for name, (wall, _) in med.items():
+        print(f"  {name:>28}: {n_tok / wall:9.0f} tokens/s")
+    (wall8, cpu8), (wall32, cpu32) = med["train_step fp8"], med["train_step fp32"]
+    print(f"  ratio fp8 / fp32 step time: {wall8 / wall32:.2f} wall, {cpu8 / cpu32:.2f} CPU (goal: <= 2)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,11 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-train", action="store_true", help="skip the training-step comparison")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads={args.threads}, reps={args.reps} (medians)")
+    load = "load average {:.2f} {:.2f} {:.2f} (1, 5, 15 min)"
+    print(f"torch {torch.__version__}, threads={args.threads}, reps={args.reps} (medians), {os.cpu_count()} CPUs, "
+          f"{load.format(*os.getloadavg())}")
     bench_kernels(args.tokens, args.dim, args.warmup, args.reps)
     bench_layer(args.tokens, args.dim, args.warmup, args.reps)
     if not args.skip_train:
         bench_train(args.preset, args.batch, args.seq, args.warmup, args.reps)
+    print(f"\nafter: {load.format(*os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -300,6 +300,67 @@ def training_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "naive
     return 3 * fwd
 
 
+# ---------------------------------------------------------------------------------------------- FP8 storage
+BLOCK = 128  # the hub's weight_block_size: one fp32 weight_scale_inv per 128 x 128 block
+
+
+def fp8_linear_shapes(cfg: ModelConfig, moe: bool) -> list[tuple[int, int]]:
+    """(out, in) of every linear of one block that the report computes in FP8 and the hub stores as E4M3 with a
+    weight_scale_inv (`dsv3_ref.fp8.convert_to_fp8` swaps the same ones): the MLA projections, then the dense MLP's
+    w1, w2, w3, or (moe=True) every routed expert's and the shared experts' w1, w2, w3."""
+    H, d = cfg.n_heads, cfg.dim
+    q_out = H * cfg.qk_head_dim
+    attn = [(cfg.q_lora_rank, d), (q_out, cfg.q_lora_rank)] if cfg.q_lora_rank else [(q_out, d)]
+    attn += [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d), (H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+             cfg.kv_lora_rank), (d, H * cfg.v_head_dim)]
+
+    def swiglu(width: int) -> list[tuple[int, int]]:
+        return [(width, d), (d, width), (width, d)]
+
+    if not moe:
+        return attn + swiglu(cfg.inter_dim)
+    shared = swiglu(cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else []
+    return attn + cfg.n_routed_experts * swiglu(cfg.moe_inter_dim) + shared
+
+
+def checkpoint_bytes(cfg: ModelConfig, fp8: bool = True, mtp: bool = True) -> dict[str, int]:
+    """Bytes of the weights stored the hub's way, by storage dtype, and their "total".
+
+    fp8=True (the released checkpoints, facts sheet §3): "e4m3" the FP8 linears (`fp8_linear_shapes`, 1 byte),
+    "scale_inv" their fp32 weight_scale_inv (4 bytes per 128 x 128 block, ragged edges included), "bf16" everything
+    else (embedding, head, norms, gate weights, MTP eh_proj), "fp32" the gate biases. fp8=False: the same tensors
+    with the FP8 linears in BF16 and no scales (what the official `fp8_cast_bf16.py` writes). mtp=True includes the
+    MTP modules as the hub stores them, with their copies of the embedding and the head. At 671B with fp8 and mtp:
+    688,574,839,360 bytes, the hub's total.
+    """
+    blocks = [cfg.is_moe_layer(i) for i in range(cfg.n_layers + (cfg.n_mtp_layers if mtp else 0))]
+    shapes = [shape for moe in blocks for shape in fp8_linear_shapes(cfg, moe)]
+    n_fp8 = sum(o * i for o, i in shapes)
+    n_scales = sum(-(-o // BLOCK) * -(-i // BLOCK) for o, i in shapes)
+    n_bias = sum(blocks) * layer_params(cfg)["gate_bias"]
+    n_all = total_params(cfg) + (mtp_params(cfg) + cfg.n_mtp_layers * 2 * cfg.vocab_size * cfg.dim if mtp else 0)
+    n_bf16 = n_all - n_fp8 - n_bias
+    out = {"e4m3": n_fp8, "bf16": 2 * n_bf16, "fp32": 4 * n_bias, "scale_inv": 4 * n_scales} if fp8 else \
+        {"e4m3": 0, "bf16": 2 * (n_bf16 + n_fp8), "fp32": 4 * n_bias, "scale_inv": 0}
+    out["total"] = sum(out.values())
+    return out
+
+
+def fp8_linear_inputs(cfg: ModelConfig) -> dict[str, int]:
+    """Values per token that the FP8 linears' inputs leave cached for the backward pass (Wgrad needs them; the
+    report caches them in FP8), per layer type: "attention" (the block input x, shared by wq_a and wkv_a, or wq
+    and wkv_a; wq_b's, wkv_b's and wo's inputs), "dense_mlp" (x for w1 and w3, and w2's input), "moe" (the same for
+    each of the top-k routed experts and the shared experts) and "total" over the n_layers main layers.
+    Other cached tensors (norm inputs, attention scores, the gate's) are not counted."""
+    attn = cfg.dim + cfg.q_lora_rank + cfg.kv_lora_rank + cfg.n_heads * cfg.v_head_dim
+    dense = cfg.dim + cfg.inter_dim
+    moe = cfg.n_activated_experts * (cfg.dim + cfg.moe_inter_dim)
+    if cfg.n_shared_experts:
+        moe += cfg.dim + cfg.n_shared_experts * cfg.moe_inter_dim
+    total = cfg.n_layers * attn + cfg.n_dense_layers * dense + cfg.n_moe_layers * moe
+    return {"attention": attn, "dense_mlp": dense, "moe": moe, "total": total}
+
+
 # ---------------------------------------------------------------------------------------------- report and CLI
 _LABELS = {
     "embed": "embedding", "attention": "attention (MLA)", "block_norms": "block norms (attn_norm + ffn_norm)",

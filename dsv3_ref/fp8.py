@@ -24,13 +24,16 @@ Edge cases, by design:
   gradient tiles into E4M3's subnormal range.
 * non-finite inputs never enter the scale (the amax is over the finite values): NaN stays NaN (that element only, so
   it still poisons the GEMM outputs it touches), and +-inf saturates to +-fp8_max * s, the largest magnitude of its
-  block. Values are clamped to +-fp8_max before the cast: we never rely on torch's cast saturation (torch 2.13
-  saturates e4m3fn, older versions returned NaN, and e5m2 overflows to inf).
+  block. We never rely on torch's cast saturation (torch 2.13 saturates e4m3fn, older versions returned NaN, and e5m2
+  overflows to inf): a finite x has |x / s| <= fp8_max up to one float32 rounding, which rounds back to fp8_max, and
+  a block with a non-finite value is clamped to +-fp8_max before the cast.
 * `scale_fmt="ue8m0"` rounds each scale UP to a power of two, s = 2^ceil(log2(amax / fp8_max)) (DeepGEMM's
   `ceil_to_ue8m0`, DeepSeek-V3.1's `scale_fmt`); rounding up keeps amax / s <= fp8_max, so it never overflows.
 
 Arithmetic on float8 tensors is not implemented on the CPU: everything upcasts to float32 (or float64) first
 (`to_float`: a lookup in the format's 256-entry table, bit for bit torch's cast and about 6x faster on the CPU).
+`fake_quantize` (quantise then dequantise, what the emulated GEMMs consume) never materialises the float8 tensor: it
+rounds x / s onto the format's grid in float32 (`round_to_fp8_`, bit for bit the cast round trip, in half the time).
 
 GEMMs (`fp8_gemm`, C = A B^T with per-row, per-128-K-group scales, the official `fp8_gemm` contract):
 * "dequant": dequantise both operands, float32 matmul. The tensor core's partial sum over one 128-wide K group is
@@ -43,13 +46,15 @@ GEMMs (`fp8_gemm`, C = A B^T with per-row, per-128-K-group scales, the official 
 * "tensor_core": a bit-level model of Hopper's limited accumulation precision (see `tensor_core_gemm`), with or
   without promotion to FP32 every N_C = 128 elements.
 
-`FP8Linear` runs Fprop, Dgrad and Wgrad on E4M3 operands with the report's tiles and keeps the FP32 master weight;
-`convert_to_fp8(model)` swaps in exactly the layers the report computes in FP8.
+`FP8Linear` runs Fprop, Dgrad and Wgrad on E4M3 operands with the report's tiles and keeps the FP32 master weight
+(each GEMM type can be switched back to FP32 for ablations); `convert_to_fp8(model)` swaps in exactly the layers the
+report computes in FP8.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +76,7 @@ SCALE_FMTS = (None, "ue8m0")
 AMAX_FLOOR = 1e-4  # official act_quant (inference/kernel.py at HEAD): amax = max(amax, 1e-4)
 GRAD_AMAX_FLOOR = 1e-12  # gradients: only guards 0/0 (see the module docstring)
 GEMMS = ("auto", "dequant", "scaled_mm", "tensor_core")
+GEMM_TYPES = ("fprop", "dgrad", "wgrad")  # the three GEMMs of a linear layer (report Fig. 6)
 N_C = 128  # promotion interval of the report: 4 WGMMAs
 WGMMA_K = 32  # products one Hopper FP8 WGMMA adds per accumulation step
 TC_BITS = 14  # bits the tensor core keeps of each aligned product and of its accumulator
@@ -105,9 +111,12 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(x2: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
-    """(rows, cols) float -> zero-padded (Mb, bm, Kb, bk) view of its blocks."""
+    """(rows, cols) float -> (Mb, bm', Kb, bk') view of its blocks, zero-padded where a dim is ragged. A dim that fits
+    in one block is taken whole (bm' = rows or bk' = cols): its zero padding could change neither the amax nor the
+    values, so it is skipped (no copy, and no copy to crop it off again)."""
     rows, cols = x2.shape
     mb, kb = math.ceil(rows / bm), math.ceil(cols / bk)
+    bm, bk = (rows if mb == 1 else bm), (cols if kb == 1 else bk)
     if (mb * bm, kb * bk) != (rows, cols):
         x2 = F.pad(x2, (0, kb * bk - cols, 0, mb * bm - rows))
     return x2.reshape(mb, bm, kb, bk)
@@ -127,32 +136,64 @@ def to_float(q: torch.Tensor) -> torch.Tensor:
     return codes.index_select(0, q.view(torch.uint8).flatten().int()).view(q.shape)
 
 
+# (mantissa bits m, exponent of the smallest normal emin) of each format: E4M3 (3, -6), E5M2 (2, -14)
+_GRIDS = {dtype: (round(-math.log2(torch.finfo(dtype).eps)), round(math.log2(torch.finfo(dtype).smallest_normal)))
+          for dtype in FORMATS.values()}
+
+
+def round_to_fp8_(v: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """Round float32 `v` in place to the nearest value of the float8 `dtype` (ties to even) and return it: bit for bit
+    `v.to(dtype).float()` for |v| <= the format's max (and NaN), without a float8 tensor, in float32 arithmetic.
+
+    With m mantissa bits and smallest normal 2^emin, the format's values near v (|v| in [2^e, 2^(e+1))) are spaced
+    2^(max(e, emin) - m) apart (the subnormals below 2^emin share the spacing of the first binade). Adding
+    M = 1.5 * 2^(max(e, emin) + 23 - m) moves v into M's binade, where float32's spacing is exactly that: the addition
+    rounds v to the nearest grid point, ties to even (M is an even number of those steps), and subtracting M again is
+    exact. 2^e is v's exponent field alone (its bits AND 0x7F800000). Larger |v| would round past the format's max
+    (the cast saturates or returns NaN there): callers clamp first.
+    """
+    mbits, emin = _GRIDS[dtype]
+    p = (v.view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^e (0 for zeros and float32 subnormals)
+    p.clamp_(min=2.0**emin)  # 2^max(e, emin)
+    k = 1.5 * 2.0 ** (23 - mbits)  # M = k * p; k * p is exact, so v + k * p is rounded once, fused or not
+    return v.add_(p, alpha=k).sub_(p, alpha=k)
+
+
 def ceil_pow2(s: torch.Tensor) -> torch.Tensor:
     """Smallest power of two >= s (s > 0), exactly: the UE8M0 scale rounding of DeepGEMM / DeepSeek-V3.1."""
     mantissa, exponent = torch.frexp(s)  # s = mantissa * 2^exponent, mantissa in [0.5, 1)
     return torch.where(mantissa == 0.5, s, torch.ldexp(torch.ones_like(s), exponent))
 
 
-def _quantize_blocks(x: torch.Tensor, block: str | tuple[int | None, int | None], fmt: str,
-                     scale_fmt: str | None, amax_floor: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The quantiser: x (..., cols) -> (q blocks (Mb, bm, Kb, bk) float8, padded; scales (Mb, Kb); bm)."""
+def _check_args(x: torch.Tensor, block: str | tuple[int | None, int | None], fmt: str, scale_fmt: str | None,
+                amax_floor: float) -> tuple[torch.Tensor, int, int, torch.dtype]:
+    """The public quantisers' argument checks: x (..., cols) -> (x as float32 (rows, cols), bm, bk, float8 dtype)."""
     dtype = fp8_dtype(fmt)
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
     if not amax_floor > 0:
         raise ValueError(f"amax_floor must be > 0, got {amax_floor}")
-    fmax = FP8_MAX[dtype]
     x2 = _as_2d(x).float()  # (rows, cols)
-    bm, bk = _resolve_block(block, *x2.shape)
-    blocks = _blocks(x2, bm, bk)  # (Mb, bm, Kb, bk)
+    return x2, *_resolve_block(block, *x2.shape), dtype
+
+
+def _scaled_blocks(x2: torch.Tensor, bm: int, bk: int, dtype: torch.dtype, scale_fmt: str | None,
+                   amax_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantiser up to the cast (arguments already checked): x2 (rows, cols) float32 in bm x bk blocks ->
+    (x / s in blocks (Mb, bm', Kb, bk') float32, padded, within +-fp8_max up to one rounding; scales s (Mb, Kb))."""
+    fmax = FP8_MAX[dtype]
+    blocks = _blocks(x2, bm, bk)  # (Mb, bm', Kb, bk')
     amax = blocks.abs().amax(dim=(1, 3))  # (Mb, Kb)
-    if not math.isfinite(amax.sum().item()):  # NaN or inf (or a huge sum): the amax of the finite values only
+    finite = math.isfinite(amax.sum().item())
+    if not finite:  # NaN or inf (or a huge sum): the amax of the finite values only
         amax = blocks.abs().nan_to_num(nan=0.0, posinf=0.0).amax(dim=(1, 3))
-    scale = amax.clamp(min=amax_floor) / fmax
+    scale = amax.clamp_(min=amax_floor).div_(fmax)
     if scale_fmt == "ue8m0":
         scale = ceil_pow2(scale)
-    q = (blocks / scale[:, None, :, None]).clamp_(-fmax, fmax).to(dtype)  # NaN stays NaN, inf -> fmax
-    return q, scale, bm
+    v = blocks / scale.view(scale.shape[0], 1, scale.shape[1], 1)
+    if not finite:
+        v.clamp_(-fmax, fmax)  # inf -> fmax; NaN stays NaN
+    return v, scale
 
 
 def _crop(blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -170,15 +211,25 @@ def quantize(x: torch.Tensor, block: str | tuple[int | None, int | None] = "1x12
     scale = max(amax, amax_floor) / fp8_max per block over the finite values (rounded up to a power of two with
     scale_fmt="ue8m0"); q = cast(clamp(x / scale, -fp8_max, fp8_max)). Shapes: see the module docstring.
     """
-    q, scale, bm = _quantize_blocks(x, block, fmt, scale_fmt, amax_floor)
-    return _crop(q, x.shape), scale.reshape(_scale_shape(x.shape, bm, *scale.shape))
+    x2, bm, bk, dtype = _check_args(x, block, fmt, scale_fmt, amax_floor)
+    v, scale = _scaled_blocks(x2, bm, bk, dtype, scale_fmt, amax_floor)
+    return _crop(v.to(dtype), x.shape), scale.reshape(_scale_shape(x.shape, bm, *scale.shape))
+
+
+def _fake_quantize_2d(x2: torch.Tensor, bm: int, bk: int, dtype: torch.dtype, scale_fmt: str | None,
+                      amax_floor: float) -> torch.Tensor:
+    """`fake_quantize` of a float32 (rows, cols) matrix in bm x bk blocks, arguments already checked (FP8Linear's
+    hot path): x / s rounded onto the format's grid (`round_to_fp8_`) times s, (rows, cols) float32."""
+    v, scale = _scaled_blocks(x2, bm, bk, dtype, scale_fmt, amax_floor)
+    return _crop(round_to_fp8_(v, dtype).mul_(scale.view(scale.shape[0], 1, scale.shape[1], 1)), x2.shape)
 
 
 def fake_quantize(x: torch.Tensor, block: str | tuple[int | None, int | None] = "1x128", fmt: str = "e4m3",
                   scale_fmt: str | None = None, amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
-    """dequantize(*quantize(x, ...)) (float32, x's shape), without materialising q and its scales separately."""
-    q, scale, _ = _quantize_blocks(x, block, fmt, scale_fmt, amax_floor)
-    return _crop(to_float(q).mul_(scale[:, None, :, None]), x.shape)
+    """dequantize(*quantize(x, ...)) bit for bit (float32, x's shape), without a float8 tensor: x / s is rounded onto
+    the format's grid in float32 (`round_to_fp8_`) and multiplied back by s."""
+    x2, bm, bk, dtype = _check_args(x, block, fmt, scale_fmt, amax_floor)
+    return _fake_quantize_2d(x2, bm, bk, dtype, scale_fmt, amax_floor).reshape(x.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: str | tuple[int | None, int | None] = "1x128",
@@ -397,10 +448,10 @@ def accumulation_error(k: int, promote_every: int | None = N_C, m: int = 64, n: 
 
 # ------------------------------------------------------------------ FP8 linear layer
 def _operand(t: torch.Tensor, block: str, gemm: str, scale_fmt: str | None, amax_floor: float = AMAX_FLOOR):
-    """A 2-D GEMM operand quantised as backend `gemm` consumes it: fake-quantised float32 for "dequant", else
-    (q, scale, block)."""
+    """A 2-D float32 GEMM operand quantised to E4M3 as backend `gemm` consumes it: fake-quantised float32 for
+    "dequant" (straight into the hot path: the layer checked its arguments once), else (q, scale, block)."""
     if gemm == "dequant":
-        return fake_quantize(t, block, scale_fmt=scale_fmt, amax_floor=amax_floor)
+        return _fake_quantize_2d(t, *BLOCKS[block], torch.float8_e4m3fn, scale_fmt, amax_floor)
     return (*quantize(t, block, scale_fmt=scale_fmt, amax_floor=amax_floor), block)
 
 
@@ -419,78 +470,151 @@ def _matmul(a, b, gemm: str) -> torch.Tensor:
     return fp8_gemm(a[0], a[1], b[0], b[1], a[2], b[2], gemm)
 
 
+def _check_fp8_gemms(fp8_gemms) -> tuple[str, ...]:
+    """A collection of GEMM_TYPES names -> the tuple of them in GEMM_TYPES order; ValueError for anything else."""
+    if isinstance(fp8_gemms, str) or not set(fp8_gemms) <= set(GEMM_TYPES):
+        raise ValueError(f"fp8_gemms must be a collection of {GEMM_TYPES}, got {fp8_gemms!r}")
+    return tuple(g for g in GEMM_TYPES if g in fp8_gemms)
+
+
+# block -> (weak reference to the layer input, what its operand was computed from, the operand)
+_last_activation: dict[str, tuple[weakref.ref, tuple, object]] = {}
+
+
+def _activation_operand(x: torch.Tensor, x2: torch.Tensor, block: str, gemm: str, scale_fmt: str | None):
+    """The operand of x2 = x as (T, in) float32 in `block` tiles, reused when the previous call quantised the same
+    tensor x, unchanged, the same way: SwiGLU's w1 and w3, and MLA's wq_a and wkv_a, read one input, which an FP8
+    kernel quantises once. (At most one operand per block shape stays referenced between calls.)"""
+    if x.is_inference():  # inference tensors have no version counter
+        return _operand(x2, block, gemm, scale_fmt)
+    key = (x._version, gemm, scale_fmt)
+    last = _last_activation.get(block)
+    if last is not None and last[0]() is x and last[1] == key:
+        return last[2]
+    op = _operand(x2, block, gemm, scale_fmt)
+    _last_activation[block] = (weakref.ref(x), key, op)
+    return op
+
+
+def _fprop(x_op, weight: torch.Tensor, w_op, gemm: str, fp8: bool) -> torch.Tensor:
+    """The Fprop GEMM y = x W^T (T, out): x's 1x128 operand times the weight's 128x128 operand `w_op`, or float32
+    x (T, in) times the master weight (fp8=False)."""
+    return _matmul(x_op, w_op, gemm) if fp8 else x_op @ weight.float().T
+
+
 class _FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T with all three GEMMs on E4M3 operands (report Fig. 6):
+    """y = x W^T with the three GEMMs on E4M3 operands (report Fig. 6):
     Fprop  y  = x (1x128 tiles) . W^T (128x128 blocks)
     Dgrad  dx = dy (1x128 tiles) . W (the same 128x128 blocks)
     Wgrad  dW = dy^T . x, both in 128x1 tiles (per channel, per 128 tokens): no scaling group crosses the
            contracted token dim.
-    The forward pass caches x (in its 128x1 quantisation, for Wgrad) and W quantised, as the report caches the
-    activations in FP8 ("dequant" keeps them dequantised, in float32). dy uses the amax floor GRAD_AMAX_FLOOR."""
+    A GEMM left out of `fp8_gemms` runs in float32 on the unquantised operands instead (for ablations).
+    `FP8Linear.forward` prepares the operands: x_fprop (x's 1x128 operand, or x (T, in) float32), x_wgrad (its 128x1
+    operand, or x, kept for Wgrad as the report caches the activations in FP8; "dequant" keeps them dequantised, in
+    float32; None without Wgrad), w_op (the weight's 128x128 operand; None if neither Fprop nor Dgrad is in FP8). The
+    backward pass quantises dy with the amax floor GRAD_AMAX_FLOOR."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, gemm: str, scale_fmt: str | None) -> torch.Tensor:
-        gemm = _resolve_gemm(gemm, x.device)
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        w = _operand(weight, "128x128", gemm, scale_fmt)
-        y = _matmul(_operand(x2, "1x128", gemm, scale_fmt), w, gemm)  # (T, out) Fprop
-        ctx.gemm, ctx.scale_fmt, ctx.weight_dtype, ctx.w = gemm, scale_fmt, weight.dtype, w
-        ctx.x = _operand(x2, "128x1", gemm, scale_fmt) if ctx.needs_input_grad[1] else None
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, x_fprop, x_wgrad, w_op, gemm: str, scale_fmt: str | None,
+                fp8_gemms: tuple[str, ...]) -> torch.Tensor:
+        y = _fprop(x_fprop, weight, w_op, gemm, "fprop" in fp8_gemms)  # (T, out)
+        ctx.gemm, ctx.scale_fmt, ctx.fp8_gemms, ctx.weight_dtype = gemm, scale_fmt, fp8_gemms, weight.dtype
+        ctx.w, ctx.x = (w_op if "dgrad" in fp8_gemms else weight), x_wgrad
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         gemm, scale_fmt = ctx.gemm, ctx.scale_fmt
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (T, out)
+        dy2 = dy.reshape(-1, dy.shape[-1]).float()  # (T, out)
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad (T, in): contracts `out`
-            dx = _matmul(_operand(dy2, "1x128", gemm, scale_fmt, GRAD_AMAX_FLOOR), _transpose(ctx.w), gemm)
+            if "dgrad" in ctx.fp8_gemms:
+                dx = _matmul(_operand(dy2, "1x128", gemm, scale_fmt, GRAD_AMAX_FLOOR), _transpose(ctx.w), gemm)
+            else:
+                dx = dy2 @ ctx.w.float()
             dx = dx.to(dy.dtype).view(*dy.shape[:-1], -1)
         if ctx.needs_input_grad[1]:  # Wgrad (out, in): contracts the tokens
-            dy_t = _transpose(_operand(dy2, "128x1", gemm, scale_fmt, GRAD_AMAX_FLOOR))
-            dw = _matmul(dy_t, _transpose(ctx.x), gemm).to(ctx.weight_dtype)
+            if "wgrad" in ctx.fp8_gemms:
+                dy_t = _transpose(_operand(dy2, "128x1", gemm, scale_fmt, GRAD_AMAX_FLOOR))
+                dw = _matmul(dy_t, _transpose(ctx.x), gemm)
+            else:
+                dw = dy2.T @ ctx.x
+            dw = dw.to(ctx.weight_dtype)
         ctx.w = ctx.x = None
-        return dx, dw, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 class FP8Linear(nn.Module):
     """Drop-in for `nn.Linear(in_features, out_features, bias=False)` whose Fprop, Dgrad and Wgrad GEMMs run on E4M3
     operands with the report's tiling; `weight` (out, in) stays the high-precision (FP32) master the optimizer
-    updates, quantised afresh (128x128 blocks, online amax) at every forward. forward: x (..., in) -> (..., out), in
-    x's dtype.
+    updates. forward: x (..., in) -> (..., out), in x's dtype; without autograd (inference, evaluation) only Fprop.
 
     gemm: one of GEMMS ("auto": real FP8 GEMMs on a capable CUDA device, else "dequant", the FP32-accumulation
     emulation; "tensor_core": the limited-precision model with promotion every N_C). scale_fmt: None or "ue8m0".
+    fp8_gemms: the GEMMs that run in FP8, a subset of GEMM_TYPES ("fprop", "dgrad", "wgrad"; default all three, as
+    the report); the others run in float32 on unquantised operands, to measure what each one costs in accuracy.
+
+    Each operand is quantised once and reused while it is unchanged. The weight (128x128 blocks, online amax):
+    `weight_operand` keeps it until the weight changes (the optimizer step, `load_state_dict` and any in-place write
+    under `torch.no_grad()` bump `weight._version`; writes through `weight.data` do not, so don't use them); Fprop
+    and Dgrad share it, and so do evaluation batches and accumulated micro-batches. An input that the previous
+    FP8Linear quantised already (the same tensor, unchanged) reuses that quantisation (`_activation_operand`).
     Code that reads `weight` directly (the absorb attention path's W_UK / W_UV) sees the master weight.
     """
 
     def __init__(self, in_features: int, out_features: int, gemm: str = "auto", scale_fmt: str | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 fp8_gemms: tuple[str, ...] = GEMM_TYPES):
         super().__init__()
         if gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
         if scale_fmt not in SCALE_FMTS:
             raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
         self.in_features, self.out_features, self.gemm, self.scale_fmt = in_features, out_features, gemm, scale_fmt
+        self.fp8_gemms = _check_fp8_gemms(fp8_gemms)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         if self.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        self._weight_cache: tuple[tuple, object] | None = None  # (what the operand was computed from, operand)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, gemm: str = "auto", scale_fmt: str | None = None) -> FP8Linear:
+    def from_linear(cls, linear: nn.Linear, gemm: str = "auto", scale_fmt: str | None = None,
+                    fp8_gemms: tuple[str, ...] = GEMM_TYPES) -> FP8Linear:
         """An FP8Linear sharing `linear.weight` (the same Parameter object: optimizers and state dicts still work)."""
         if linear.bias is not None:
             raise ValueError("FP8Linear has no bias; DeepSeek-V3's linear layers have none")
-        layer = cls(linear.in_features, linear.out_features, gemm, scale_fmt, device="meta")
+        layer = cls(linear.in_features, linear.out_features, gemm, scale_fmt, device="meta", fp8_gemms=fp8_gemms)
         layer.weight = linear.weight
         return layer
 
+    def weight_operand(self):
+        """The weight in 128x128 blocks as the backend consumes it (fake-quantised float32 (out, in) for "dequant",
+        else (q, scale, "128x128")), recomputed only when the weight, the backend or the scale format changed."""
+        w = self.weight.detach()
+        gemm = _resolve_gemm(self.gemm, w.device)
+        if w.is_inference():  # no version counter to tell whether it changed
+            return _operand(w.float(), "128x128", gemm, self.scale_fmt)
+        key = (w._version, w.data_ptr(), w.dtype, gemm, self.scale_fmt)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, _operand(w.float(), "128x128", gemm, self.scale_fmt))
+        return self._weight_cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FP8LinearFunction.apply(x, self.weight, self.gemm, self.scale_fmt)
+        gemm, scale_fmt, fp8 = _resolve_gemm(self.gemm, x.device), self.scale_fmt, self.fp8_gemms
+        w_op = self.weight_operand() if "fprop" in fp8 or "dgrad" in fp8 else None
+        x2 = x.detach().reshape(-1, self.in_features).float()  # (T, in)
+        x_fprop = _activation_operand(x, x2, "1x128", gemm, scale_fmt) if "fprop" in fp8 else x2
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):  # Fprop only
+            return _fprop(x_fprop, self.weight, w_op, gemm, "fprop" in fp8).to(x.dtype).view(*x.shape[:-1], -1)
+        x_wgrad = None
+        if self.weight.requires_grad:
+            x_wgrad = _activation_operand(x, x2, "128x1", gemm, scale_fmt) if "wgrad" in fp8 else x2
+        return _FP8LinearFunction.apply(x, self.weight, x_fprop, x_wgrad, w_op, gemm, scale_fmt, fp8)
 
     def extra_repr(self) -> str:
+        fp8_gemms = "" if self.fp8_gemms == GEMM_TYPES else f", fp8_gemms={self.fp8_gemms}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, gemm={self.gemm!r}, "
-                f"scale_fmt={self.scale_fmt!r}")
+                f"scale_fmt={self.scale_fmt!r}{fp8_gemms}")
 
 
 # ------------------------------------------------------------------ model conversion
@@ -510,7 +634,8 @@ class FP8Conversion:
         return len(self.swapped)
 
 
-def convert_to_fp8(model: nn.Module, gemm: str = "auto", scale_fmt: str | None = None) -> FP8Conversion:
+def convert_to_fp8(model: nn.Module, gemm: str = "auto", scale_fmt: str | None = None,
+                   fp8_gemms: tuple[str, ...] = GEMM_TYPES) -> FP8Conversion:
     """Swap, in place, exactly the linear layers DeepSeek-V3 computes in FP8 for `FP8Linear` (sharing their weights).
 
     FP8 (report §3.3.1; the hub checkpoint stores exactly these as E4M3 + weight_scale_inv): every attention linear
@@ -518,15 +643,17 @@ def convert_to_fp8(model: nn.Module, gemm: str = "auto", scale_fmt: str | None =
     those in the MTP modules' blocks. Kept in high precision: the embedding, the output head, the MoE gates, the
     norms, the attention core (scores, softmax: not linear layers) and the MTP `eh_proj` (BF16 in the checkpoint).
     The absorb attention path reads `wkv_b.weight` directly, i.e. the master weight (training uses the naive path).
-    Layers already converted are left alone.
+    Layers already converted are left alone. `fp8_gemms` (FP8Linear's) keeps some GEMM types in float32 for ablations;
+    to convert one part only (e.g. the attention layers), call it on that submodule.
     """
+    fp8_gemms = _check_fp8_gemms(fp8_gemms)
     swapped = []
     for name, module in list(model.named_modules()):
         attrs = FP8_ATTN_LINEARS if isinstance(module, MLA) else FP8_MLP_LINEARS if isinstance(module, MLP) else ()
         for attr in attrs:
             linear = getattr(module, attr, None)
             if isinstance(linear, nn.Linear):
-                setattr(module, attr, FP8Linear.from_linear(linear, gemm, scale_fmt))
+                setattr(module, attr, FP8Linear.from_linear(linear, gemm, scale_fmt, fp8_gemms))
                 swapped.append(f"{name}.{attr}" if name else attr)
     kept = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding, Gate, RMSNorm))]
     return FP8Conversion(swapped, kept)

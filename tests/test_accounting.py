@@ -180,6 +180,82 @@ def test_kv_cache_bad_input(cfg671):
         acc.kv_cache_bytes(cfg671, "mla", dtype_bytes=0)
 
 
+# ------------------------------------------------------------------------------------------ FP8 storage
+def test_checkpoint_bytes_671b(cfg671):
+    """The hub's FP8 checkpoint, reconstructed (facts sheet §3, §5.4): 688,574,839,360 bytes."""
+    hub = acc.checkpoint_bytes(cfg671)
+    assert hub["total"] == 688_574_839_360
+    assert hub["scale_inv"] == 4 * 41_540_496
+    main = acc.checkpoint_bytes(cfg671, mtp=False)
+    assert main["e4m3"] == 669_065_609_216 and main["bf16"] == 2 * 1_960_795_136
+    assert main["fp32"] + main["scale_inv"] == 4 * 40_853_080  # the official fp8-mode model's fp32 tensors
+    bf16 = acc.checkpoint_bytes(cfg671, fp8=False, mtp=False)
+    assert bf16 == {"e4m3": 0, "bf16": 2 * (671_026_419_200 - 14_848), "fp32": 4 * 14_848, "scale_inv": 0,
+                    "total": 2 * 671_026_419_200 + 2 * 14_848}
+    assert sum(o * i for o, i in acc.fp8_linear_shapes(cfg671, moe=False)[:5]) == 187_107_328 - 1_536 - 512
+
+
+@pytest.mark.parametrize("overrides", [dict(n_mtp_layers=1, dim=160, inter_dim=272, moe_inter_dim=136),
+                                       dict(q_lora_rank=0, n_shared_experts=0)])
+def test_checkpoint_bytes_match_the_converted_model(overrides):
+    """Closed form vs the tensors the hub format stores for a model converted by `convert_to_fp8`: every FP8Linear
+    weight is E4M3 with a ceil(out/128) x ceil(in/128) scale, the gate biases fp32, the rest (MTP copies too) BF16."""
+    from dsv3_ref.checkpoint import hub_state_dict
+    from dsv3_ref.fp8 import FP8Linear, convert_to_fp8
+
+    cfg = ModelConfig.from_preset("tiny", **overrides)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    convert_to_fp8(model)
+    sd = dict(model.named_parameters())
+    want = {"e4m3": 0, "bf16": 0, "fp32": 0, "scale_inv": 0}
+    fp8_names = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    for name, t in model.state_dict().items():
+        if name.removesuffix(".weight") in fp8_names:
+            want["e4m3"] += t.numel()
+            want["scale_inv"] += 4 * -(-t.shape[0] // 128) * -(-t.shape[1] // 128)
+        elif name.endswith("gate.bias"):
+            want["fp32"] += 4 * t.numel()
+        else:
+            want["bf16"] += 2 * t.numel()
+    n_copies = len(hub_state_dict(model)) - len(model.state_dict())  # each MTP layer's embedding and head
+    assert n_copies == 2 * cfg.n_mtp_layers and sd["embed.weight"].numel() == sd["head.weight"].numel()
+    want["bf16"] += 2 * n_copies * sd["embed.weight"].numel()
+    assert acc.checkpoint_bytes(cfg) == {**want, "total": sum(want.values())}
+    if cfg.dim > 128:  # ragged 128 x 128 blocks: more than one scale per matrix
+        assert want["scale_inv"] > 4 * len(fp8_names)
+
+
+def test_fp8_linear_inputs_match_the_model():
+    """Per token, the distinct input tensors of the FP8 linear layers in a forward pass (w1 and w3, wq_a and wkv_a
+    share theirs) hold exactly `fp8_linear_inputs(cfg)["total"]` values; per layer type too."""
+    from dsv3_ref.fp8 import FP8Linear, convert_to_fp8
+
+    cfg = ModelConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    convert_to_fp8(model)
+    seen: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (layer, input); holding the input keeps its id unique
+
+    def record(name: str, x: torch.Tensor) -> None:
+        seen.setdefault(id(x), (name, x))
+
+    for name, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            m.register_forward_hook(lambda mod, args, out, name=name: record(name, args[0]))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        model(tokens)
+    per_layer = [0] * cfg.n_layers
+    for name, x in seen.values():
+        per_layer[int(name.split(".")[1])] += x.numel()
+    n = tokens.numel()
+    want = acc.fp8_linear_inputs(cfg)
+    assert sum(per_layer) == want["total"] * n
+    assert per_layer[0] == (want["attention"] + want["dense_mlp"]) * n
+    assert per_layer[1:] == [(want["attention"] + want["moe"]) * n] * (cfg.n_layers - 1)
+
+
 # ------------------------------------------------------------------------------------------ FLOPs
 def test_flops_671b(cfg671):
     n = acc.matmul_params_per_token(cfg671)

@@ -13,6 +13,7 @@ from dsv3_ref.fp8 import (
     E4M3_MAX,
     E5M2_MAX,
     FORMATS,
+    GEMM_TYPES,
     GRAD_AMAX_FLOOR,
     FP8Linear,
     _align,
@@ -27,6 +28,7 @@ from dsv3_ref.fp8 import (
     fp8_gemm,
     quantization_error,
     quantize,
+    round_to_fp8_,
     to_float,
 )
 
@@ -77,6 +79,24 @@ def test_fast_paths_equal_the_plain_ones():
         for scale_fmt in (None, "ue8m0"):
             want = dequantize(*quantize(x, block, scale_fmt=scale_fmt), block)
             assert torch.equal(fake_quantize(x, block, scale_fmt=scale_fmt).nan_to_num(7.0), want.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS.values()))
+def test_round_to_fp8_is_the_cast_round_trip(dtype):
+    """Bit for bit v.to(dtype).float() over a sweep of all float32 bit patterns up to the format's max (every 61st,
+    both signs: every binade, subnormals of both formats included), every grid point, every midpoint between two
+    grid points (ties to even) and the floats right next to the midpoints."""
+    top = torch.tensor(torch.finfo(dtype).max).view(torch.int32).item()
+    sweep = torch.arange(0, top + 1, 61, dtype=torch.int32).view(torch.float32)
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = grid[grid.isfinite()].unique()  # sorted, -max .. max
+    mids = (grid[1:] + grid[:-1]) / 2
+    big = torch.full_like(mids, 1e9)
+    for v in (sweep, -sweep, grid, mids, torch.nextafter(mids, big), torch.nextafter(mids, -big),
+              torch.tensor([float("nan"), 0.0, -0.0, 1e-45, -1e-40])):
+        want = v.to(dtype).float()
+        got = round_to_fp8_(v.clone(), dtype)
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
 
 
 def test_round_trip_is_idempotent():
@@ -322,6 +342,68 @@ def test_fp8linear_module_api():
     xr = torch.randn(7, 200, requires_grad=True)
     frozen(xr).sum().backward()  # Wgrad skipped, Dgrad still computed
     assert xr.grad is not None and frozen.weight.grad is None
+
+
+def test_fp8_gemm_switches():
+    """fp8_gemms picks the GEMMs that run on E4M3 operands; the others are exactly the float32 ones."""
+    x, w, dy = _linear_case()
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    grad = dict(amax_floor=GRAD_AMAX_FLOOR)
+    wq = _deq(w, "128x128")
+    fp8 = {"fprop": _deq(x2, "1x128") @ wq.T, "dgrad": _deq(dy2, "1x128", **grad) @ wq,
+           "wgrad": _deq(dy2, "128x1", **grad).T @ _deq(x2, "128x1")}
+    fp32 = {"fprop": x2 @ w.T, "dgrad": dy2 @ w, "wgrad": dy2.T @ x2}
+    for on in [(), ("fprop",), ("dgrad",), ("wgrad",), ("fprop", "wgrad"), GEMM_TYPES]:
+        y, dx, dw = _fp8_grads(x, w, dy, gemm="dequant", fp8_gemms=on)
+        for name, got in zip(GEMM_TYPES, (y.reshape(-1, w.shape[0]), dx.reshape(-1, w.shape[1]), dw), strict=True):
+            want = fp8[name] if name in on else fp32[name]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    layer = FP8Linear(8, 4, fp8_gemms=["wgrad", "fprop"])
+    assert layer.fp8_gemms == ("fprop", "wgrad") and "fp8_gemms=('fprop', 'wgrad')" in repr(layer)
+    for bad in ("fprop", ("fprop", "bwd")):
+        with pytest.raises(ValueError, match="fp8_gemms must be"):
+            FP8Linear(8, 4, fp8_gemms=bad)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    convert_to_fp8(model, fp8_gemms=("dgrad",))
+    assert {m.fp8_gemms for m in model.modules() if isinstance(m, FP8Linear)} == {("dgrad",)}
+
+
+def test_fp8linear_reuses_quantised_operands_while_unchanged():
+    """The weight's 128x128 operand is computed once per version of the weight (an optimizer step or an in-place
+    write makes a new one); an input two layers read (SwiGLU's w1 and w3) is quantised once; results are unchanged."""
+    torch.manual_seed(0)
+    a, b = FP8Linear(200, 136, gemm="dequant"), FP8Linear(200, 72, gemm="dequant")
+    w_op = a.weight_operand()
+    assert a.weight_operand() is w_op
+    x = torch.randn(3, 50, 200, requires_grad=True)
+    (a(x).square().sum() + b(x).square().sum()).backward()
+    assert a.weight_operand() is w_op  # forward and backward reused it
+    grads = x.grad.clone(), a.weight.grad.clone(), b.weight.grad.clone()
+    fresh = [FP8Linear(200, n, gemm="dequant") for n in (136, 72)]
+    for layer, old in zip(fresh, (a, b), strict=True):
+        with torch.no_grad():
+            layer.weight.copy_(old.weight)
+    x1, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()  # two tensors: no sharing
+    (fresh[0](x1).square().sum() + fresh[1](x2).square().sum()).backward()
+    for got, want in zip(grads, (x1.grad + x2.grad, fresh[0].weight.grad, fresh[1].weight.grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():
+        y = a(x)
+        torch.testing.assert_close(y, a(x.detach()), rtol=0, atol=0)  # inference: Fprop only, same values
+        x.mul_(2)  # an in-place change of the input: quantised afresh
+        torch.testing.assert_close(a(x), fresh[0](x.clone()), rtol=0, atol=0)
+    torch.optim.SGD(a.parameters(), lr=0.1).step()
+    assert a.weight_operand() is not w_op
+    torch.testing.assert_close(a.weight_operand(), fake_quantize(a.weight.detach(), "128x128"), rtol=0, atol=0)
+    with torch.no_grad():
+        a.weight.zero_()
+    assert (a.weight_operand() == 0).all()
+    with torch.no_grad():
+        want = b(x)
+    with torch.inference_mode():  # inference tensors have no version counter: nothing is cached for them
+        x_inf = x.detach().clone()
+        torch.testing.assert_close(b(x_inf), want, rtol=0, atol=0)
+        torch.testing.assert_close(b(x_inf), want, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ conversion
