@@ -83,6 +83,33 @@ def collect_loads(model: nn.Module, batches: Iterable[Any]) -> dict[str, torch.T
     return loads
 
 
+@torch.no_grad()
+def loads_by_label(model: nn.Module, batches: Iterable[Any], n_labels: int) -> dict[str, torch.Tensor]:
+    """Expert loads split by a label of every token: (n_labels, E) int64 per MoE layer, summed over `batches`.
+
+    Each batch is a `data.Batch` (its `domains` (B, T) label every input token, e.g. `data.val_batches(...)`) or a
+    pair (tokens (B, T), labels (B, T)) with labels in [0, n_labels). Row l counts how often tokens labelled l chose
+    each expert (K choices per token); the rows sum to `collect_loads` over the same batches.
+    """
+    fresh, loads = _FreshRoutings(), {}
+    list(fresh(model))  # routings left over from before do not count
+    for batch in batches:
+        tokens, labels = (batch.inputs, batch.domains) if hasattr(batch, "inputs") else batch
+        if labels.shape != tokens.shape:
+            raise ValueError(f"labels must have the tokens' shape {tuple(tokens.shape)}, got {tuple(labels.shape)}")
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < n_labels:
+            raise ValueError(f"labels must be in [0, n_labels={n_labels}), got [{int(labels.min())}, "
+                             f"{int(labels.max())}]")
+        model(tokens)
+        for name, moe, routing in fresh(model):
+            E = moe.n_routed_experts
+            # routing rows follow tokens.flatten() (the MoE flattens (B, T)); pair every choice with its token's label
+            cell = labels.reshape(-1, 1).to(routing.indices.device) * E + routing.indices  # (N, K) in [0, L * E)
+            counts = torch.bincount(cell.flatten(), minlength=n_labels * E).view(n_labels, E)
+            loads[name] = loads.get(name, 0) + counts
+    return loads
+
+
 # ---------------------------------------------------------------------------------------------- loss-free bias
 @torch.no_grad()
 def update_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float, rule: str = "sign") -> None:

@@ -15,6 +15,7 @@ from dsv3_ref.balance import (
     expert_aux_loss,
     expert_load,
     freeze_schedule,
+    loads_by_label,
     max_vio,
     moe_layers,
     sequence_balance_loss,
@@ -177,6 +178,21 @@ def test_collect_loads_sums_over_batches():
         assert int(load.sum()) == 3 * 2 * 8 * cfg.n_activated_experts
         assert torch.equal(load, sum(p[name] for p in per_batch))
     assert max_vio(torch.stack(list(loads.values()))).shape == (2,)
+
+
+def test_loads_by_label_splits_collect_loads():
+    model = _tiny_model()
+    tokens = [_tokens(2, 8, s) for s in range(2)]
+    labels = [torch.arange(16).view(2, 8) % 3 for _ in tokens]
+    by_label = loads_by_label(model, list(zip(tokens, labels, strict=True)), n_labels=3)
+    total = collect_loads(model, tokens)
+    for name, load in by_label.items():
+        assert load.shape == (3, model.config.n_routed_experts)
+        assert torch.equal(load.sum(0), total[name])  # the rows split the loads
+        # label 0 marks tokens 0, 3, 6, ... of each row: 6 of 16 tokens per batch, K choices each
+        assert int(load[0].sum()) == 2 * 6 * model.config.n_activated_experts
+    with pytest.raises(ValueError, match="labels must be in"):
+        loads_by_label(model, [(tokens[0], labels[0] + 3)], n_labels=3)
 
 
 # ---------------------------------------------------------------------------------------------------- the bias update
