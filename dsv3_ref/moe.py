@@ -149,7 +149,8 @@ def run_experts(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, 
     order = flat.argsort(stable=True)  # pairs grouped by expert
     token = order // K  # (N*K,) token of each sorted pair
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    xs = x[token].split(counts)  # one contiguous (n_e, dim) slice per expert
+    xs = x.index_select(0, token).split(counts)  # one contiguous (n_e, dim) slice per expert (index_select: its
+    # backward adds in a fixed order, so training repeats exactly with any number of threads; x[token] does not)
     out = torch.cat([experts[e](xe) for e, xe in enumerate(xs) if xe.numel()])  # (N*K, dim)
     out = out * weights.flatten()[order].unsqueeze(-1)
     return torch.zeros_like(x).index_add_(0, token, out)
