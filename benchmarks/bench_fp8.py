@@ -12,7 +12,10 @@ ratio to the float32 baseline measured side by side in one run.
    touched before every rep, as an optimizer step would, so the FP8 layer re-quantises it each time), with each GEMM
    type alone in FP8 (`fp8_gemms`) to show what each one costs;
 4. training step: `Trainer.train_step` on a preset with `TrainConfig(precision="fp8")` vs `precision="fp32"` (same
-   initial weights and data). The emulation's goal is to cost at most 2x.
+   initial weights and data), at the preset's training batch (16 x 128 tokens for small). The emulation's goal is
+   to cost at most 2x. The small preset is the hard case: its GEMMs are tiny (K = 64 or 128, a few hundred tokens
+   per expert), so the ~10 elementwise passes and ~20 op dispatches of each quantisation weigh as much as the GEMM
+   itself; at dim 1024 (section 3) a whole FP8Linear costs about 1.4x. Smaller batches raise the ratio (--batch 8).
 
 Each group alternates rep by rep so machine noise hits all alike; medians of wall-clock and of process CPU time are
 reported (on a shared machine the CPU time is the steadier one), with the load average before and after.
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: the preset's training "
+                    "batch, TrainConfig.for_preset: 16 for small)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     bench_kernels(args.tokens, args.dim, args.warmup, args.reps)
     bench_layer(args.tokens, args.dim, args.warmup, args.reps)
     if not args.skip_train:
-        bench_train(args.preset, args.batch, args.seq, args.warmup, args.reps)
+        batch = args.batch or TrainConfig.for_preset(args.preset).batch_size
+        bench_train(args.preset, batch, args.seq, args.warmup, args.reps)
     print(f"\nafter: {load.format(*os.getloadavg())}")
 
 

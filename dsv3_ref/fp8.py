@@ -184,7 +184,8 @@ def _scaled_blocks(x2: torch.Tensor, bm: int, bk: int, dtype: torch.dtype, scale
     (x / s in blocks (Mb, bm', Kb, bk') float32, padded, within +-fp8_max up to one rounding; scales s (Mb, Kb))."""
     fmax = FP8_MAX[dtype]
     blocks = _blocks(x2, bm, bk)  # (Mb, bm', Kb, bk')
-    amax = blocks.abs().amax(dim=(1, 3))  # (Mb, Kb)
+    # (Mb, Kb) max |x| as max(max x, -min x): two reductions and no |x| temporary, faster on the CPU
+    amax = torch.maximum(blocks.amax(dim=(1, 3)), blocks.amin(dim=(1, 3)).neg_())
     finite = math.isfinite(amax.sum().item())
     if not finite:  # NaN or inf (or a huge sum): the amax of the finite values only
         amax = blocks.abs().nan_to_num(nan=0.0, posinf=0.0).amax(dim=(1, 3))
