@@ -254,3 +254,24 @@ def test_cli_train_tiny(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "missing.txt"), "--out",
                  str(tmp_path / "x")]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_training_repeats_exactly_with_two_threads(data):
+    """Bit-identical runs with a multi-threaded backward: the MoE gathers its tokens with index_select, whose backward
+    adds in a fixed order (x[token] -> index_put_ with accumulation split the sums between threads differently from
+    run to run, and routing amplified the last-bit differences)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(2):
+            model = Transformer(ModelConfig.from_preset("small", n_layers=2))
+            model.reset_parameters(0)
+            trainer = Trainer(model, TrainConfig(**{**FAST, "batch_size": 8, "seq_len": 128, "eval_every": 0}), data,
+                              progress=False)
+            trainer.fit()
+            runs.append(([h["train_loss"] for h in trainer.history], [p.detach().clone() for p in model.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
