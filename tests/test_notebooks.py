@@ -1,0 +1,82 @@
+"""Notebook discipline, checked on the stored notebooks (nbval re-executes them in `make test`): each opens with its
+learning goals, prerequisites and runtime and ends with a summary and exercises; each was executed top to bottom in
+one fresh kernel, without errors; outputs hold no machine-specific paths; files stay small; the README lists them."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "notebooks").glob("*/*.ipynb"))
+MACHINE_PATHS = re.compile(r"(/work/|/tmp/|/home/|/root/|/Users/|[A-Z]:\\\\)")
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _text(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def _output_text(output: dict) -> str:
+    if "text" in output:
+        return "".join(output["text"])
+    data = output.get("data", {})
+    return "".join("".join(v) if isinstance(v, list) else str(v) for k, v in data.items() if k.startswith("text/"))
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT / "notebooks")))
+def notebook(request) -> tuple[Path, dict]:
+    return request.param, _load(request.param)
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 10
+
+
+def test_opens_with_goals_prerequisites_and_runtime(notebook):
+    path, nb = notebook
+    first = nb["cells"][0]
+    assert first["cell_type"] == "markdown" and _text(first).startswith("# "), "a title first"
+    head = _text(first)
+    assert re.search(r"\*\*What (you will learn|you will practise|this notebook is)\*\*", head), "learning goals"
+    assert "**Prerequisites**" in head and "**Runtime**" in head
+
+
+def test_ends_with_summary_and_exercises(notebook):
+    path, nb = notebook
+    headings = [line for c in nb["cells"] if c["cell_type"] == "markdown" for line in _text(c).splitlines()
+                if line.startswith("#")]
+    assert any(re.match(r"#+ (\d+\. )?Summary", h) for h in headings), "a summary section"
+    assert path.parent.name == "exercises" or any(re.match(r"#+ Exercises", h) for h in headings), "exercises"
+
+
+def test_executed_top_to_bottom_without_errors(notebook):
+    path, nb = notebook
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1)), "run all cells once, in order"
+    for i, cell in enumerate(code):
+        assert not [o for o in cell["outputs"] if o["output_type"] == "error"], f"code cell {i} stored an error"
+
+
+def test_outputs_hold_no_machine_paths(notebook):
+    path, nb = notebook
+    for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        for output in cell["outputs"]:
+            found = MACHINE_PATHS.search(_output_text(output))
+            assert found is None, f"code cell {i} prints a machine path: {found.group(0)!r}"
+
+
+def test_files_stay_small(notebook):
+    path, _ = notebook
+    assert path.stat().st_size < 5_000_000
+
+
+def test_readme_lists_exactly_the_notebooks():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"`((?:exercises/)?\d\d_\w+)`", readme))
+    present = {str(p.relative_to(ROOT / "notebooks").with_suffix("")) for p in NOTEBOOKS}
+    assert listed == present
