@@ -450,6 +450,19 @@ _CLI_FIELDS = ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
                "eval_batches", "log_every", "save_every", "seed", "precision", "data")
 
 
+def _cli_device(name: str) -> torch.device:
+    """--device: "cpu" or a CUDA device ("cuda", "cuda:1"), with a clear error where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build or machine has no CUDA device")
+    return device
+
+
 def _run_cli(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -462,10 +475,11 @@ def _run_cli(args: argparse.Namespace) -> int:
         preset = args.preset or "small"
         cfg = TrainConfig.for_preset(preset, **overrides)
         model_cfg = ModelConfig.from_preset(preset)
+    device = _cli_device(args.device)
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
-    model.reset_parameters(cfg.seed)
-    trainer = Trainer(model, cfg, progress=not args.no_progress)
+    model.reset_parameters(cfg.seed)  # on the CPU, so that a seed gives the same weights on every device
+    trainer = Trainer(model.to(device), cfg, progress=not args.no_progress)
     trainer.fit(resume_from=args.resume, out=args.out)
     last = trainer.history[-1]
     val = last.get("val_loss", float("nan"))
@@ -492,5 +506,7 @@ def add_cli(subparsers: Any) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; with --precision fp8 a GPU with FP8 "
+                   "tensor cores runs real FP8 GEMMs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_cli)

@@ -275,3 +275,29 @@ def test_training_repeats_exactly_with_two_threads(data):
         torch.set_num_threads(threads)
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_cli_train_device_errors(tmp_path, capsys):
+    args = ["train", "--preset", "tiny", "--steps", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main([*args, "--device", "tpu"]) == 2
+    assert "--device must be 'cpu' or 'cuda[:N]'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_cli_train_on_cuda_resumes_like_the_cpu_does(tmp_path, capsys, precision):
+    args = ["train", "--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--no-progress",
+            "--device", "cuda", "--precision", precision]
+    assert main([*args, "--steps", "6", "--out", str(tmp_path / "straight")]) == 0
+    assert main([*args, "--steps", "3", "--out", str(tmp_path / "split")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "split"), "--steps", "6", "--no-progress", "--device", "cuda",
+                 "--out", str(tmp_path / "split")]) == 0
+    capsys.readouterr()
+    straight = Transformer.from_pretrained(tmp_path / "straight")
+    split = Transformer.from_pretrained(tmp_path / "split")
+    for (name, a), b in zip(straight.state_dict().items(), split.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
