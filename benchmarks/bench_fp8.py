@@ -28,29 +28,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import race  # benchmarks/timing.py (the script's folder is on sys.path)
 from torch import nn
 
 from dsv3_ref import ModelConfig, Transformer
 from dsv3_ref.fp8 import GEMM_TYPES, FP8Linear, dequantize, fake_quantize, fp8_gemm, quantize
 from dsv3_ref.train import TrainConfig, Trainer
-
-
-def race(fns: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, tuple[float, float]]:
-    """(median wall seconds, median process CPU seconds) per call of each function, calls alternating across them."""
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
-    for rep in range(warmup + reps):
-        for name, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            if rep >= warmup:
-                times[name].append((time.perf_counter() - t0, time.process_time() - c0))
-    return {name: (statistics.median(t for t, _ in ts), statistics.median(c for _, c in ts))
-            for name, ts in times.items()}
 
 
 def report(title: str, med: dict[str, tuple[float, float]], baseline: str, flops: float | None = None) -> None:

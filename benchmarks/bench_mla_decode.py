@@ -34,10 +34,9 @@ the same einsum on the same layout. The absorbed path's cache has no head axis a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import race  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from dsv3_ref import KVCache, ModelConfig, Transformer
 from dsv3_ref.accounting import kv_cache_bytes
@@ -68,18 +67,6 @@ def fill_caches(model: Transformer, batch: int, ctx: int, seed: int) -> dict[str
     for cache in caches.values():
         cache.seq_len = ctx - 1
     return caches
-
-
-def time_side_by_side(fns: dict[str, callable], warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds per call of each function, the functions alternating call by call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for rep in range(warmup + reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench(model: Transformer, batch: int, ctx: int, warmup: int, reps: int) -> dict[str, dict]:
@@ -116,8 +103,9 @@ def bench(model: Transformer, batch: int, ctx: int, warmup: int, reps: int) -> d
     assert nbytes["absorb"] == latent == kv_cache_bytes(cfg, "mla", 4, ctx, batch), nbytes
     assert nbytes["naive"] == kv_cache_bytes(cfg, "naive", 4, ctx, batch), nbytes
     steps = {impl: step(impl) for impl in IMPLS}
-    return {"step": time_side_by_side(steps, warmup, reps),
-            "mla": time_side_by_side({impl: attn(impl) for impl in IMPLS}, warmup, reps),
+    step_times, mla_times = race(steps, warmup, reps), race({impl: attn(impl) for impl in IMPLS}, warmup, reps)
+    return {"step": {name: wall for name, (wall, _) in step_times.items()},
+            "mla": {name: wall for name, (wall, _) in mla_times.items()},
             "bytes": nbytes, "fns": steps}
 
 

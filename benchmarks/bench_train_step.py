@@ -13,11 +13,10 @@ machine noise hits both alike; the median step time of each gives tokens/s, and 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import race  # benchmarks/timing.py (the script's folder is on sys.path)
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from dsv3_ref import ModelConfig, Transformer
@@ -59,16 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     data = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
     tokens, targets = data[:, :-1], data[:, 1:]
     steps = {"dsv3_ref": step_fn(ours, hf=False), "transformers": step_fn(theirs, hf=True)}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for rep in range(args.warmup + args.reps):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step(tokens, targets)
-            if rep >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+    timed = race({name: (lambda step=step: step(tokens, targets)) for name, step in steps.items()}, args.warmup,
+                 args.reps)
 
     n_tok = args.batch * args.seq
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = {name: wall for name, (wall, _) in timed.items()}
     for name in steps:
         print(f"{name:>13}: median {med[name] * 1e3:8.1f} ms/step  {n_tok / med[name]:9.0f} tokens/s")
     print(f"ratio dsv3_ref / transformers (tokens/s): {med['transformers'] / med['dsv3_ref']:.2f}")

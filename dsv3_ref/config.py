@@ -19,6 +19,15 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ATTN_IMPLS = ("naive", "absorb")
 
 
+def from_fields(cls: type, d: dict[str, Any]) -> Any:
+    """cls(**d) for a config dataclass, with a ValueError naming any key that is not one of its fields."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed fields are {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class ModelConfig:
     """Hyper-parameters of a DeepSeek-V3 (or V2) model.
@@ -106,11 +115,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; allowed fields are {sorted(known)}")
-        return cls(**d)
+        return from_fields(cls, d)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:

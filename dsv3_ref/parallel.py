@@ -76,15 +76,7 @@ class ExpertParallelMoE(nn.Module):
         local = [copy.deepcopy(e) for e in moe.experts[rank * n_local:(rank + 1) * n_local]]
         return cls(copy.deepcopy(moe.gate), local, copy.deepcopy(moe.shared_experts), group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, self.dim)  # (N, dim)
-        routing = self.gate(x)
-        self.last_routing = routing
-        y = self.routed(x, routing)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape)
+    forward = MoE.forward  # gate, routed experts, shared expert: the same layer; only `routed` below differs
 
     def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """sum_k w_{t,k} expert_{i_{t,k}}(x_t) for this rank's x (N, dim), the experts living on all ranks."""

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import ModelConfig
+from .config import ModelConfig, from_fields
 from .data import PAD_ID, CorpusData, TextFileData, TokenData, bits_per_byte
 from .model import Transformer
 
@@ -118,11 +118,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; allowed fields are {sorted(known)}")
-        return cls(**d)
+        return from_fields(cls, d)
 
     @classmethod
     def for_preset(cls, name: str, **overrides: Any) -> TrainConfig:
