@@ -35,7 +35,7 @@ from timing import race  # benchmarks/timing.py (the script's folder is on sys.p
 from torch import nn
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.fp8 import GEMM_TYPES, FP8Linear, dequantize, fake_quantize, fp8_gemm, quantize
+from dsv3_ref.fp8.formats import GEMM_TYPES, FP8Linear, dequantize, fake_quantize, fp8_gemm, quantize
 from dsv3_ref.train import TrainConfig, Trainer
 
 

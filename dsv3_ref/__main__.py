@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # modules with an add_cli(subparsers); each adds one or more subcommands
-COMMANDS = ["accounting", "train", "generate", "validate"]
+COMMANDS = ["systems.accounting", "train.trainer", "inference.generate", "teaching.validate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,9 @@ import torch
 from torch.testing import assert_close
 
 from dsv3_ref import Gate, ModelConfig, Transformer
-from dsv3_ref.balance import (
+from dsv3_ref.data import CorpusData
+from dsv3_ref.nn.moe import Routing
+from dsv3_ref.objectives.balance import (
     PAPER_FREEZE_FRACTION,
     ExpertAuxLoss,
     LoadMonitor,
@@ -21,8 +23,6 @@ from dsv3_ref.balance import (
     sequence_balance_loss,
     update_bias,
 )
-from dsv3_ref.data import CorpusData
-from dsv3_ref.moe import Routing
 from dsv3_ref.train import TrainConfig, Trainer, TrainHook
 
 

@@ -1,4 +1,4 @@
-"""Hub-format checkpoints (dsv3_ref.checkpoint): round trips, shards, FP8 block scales, MTP, and every bad input."""
+"""Hub-format checkpoints (dsv3_ref.io.checkpoint): round trips, shards, FP8 block scales, MTP, and every bad input."""
 
 import json
 import math
@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.checkpoint import (
+from dsv3_ref.fp8.formats import block_dequant
+from dsv3_ref.io.checkpoint import (
     INDEX_NAME,
     WEIGHTS_NAME,
     hub_key,
@@ -19,7 +20,6 @@ from dsv3_ref.checkpoint import (
     our_key,
     save_pretrained,
 )
-from dsv3_ref.fp8 import block_dequant
 
 TOKENS = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
 

@@ -1,4 +1,4 @@
-"""dsv3_ref.fp8: quantisation bounds and layouts, edge cases, the accumulation model, FP8Linear, conversion."""
+"""dsv3_ref.fp8.formats: quantisation bounds and layouts, edge cases, the accumulation model, FP8Linear, conversion."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.fp8 import (
+from dsv3_ref.fp8.formats import (
     BLOCKS,
     E4M3_MAX,
     E5M2_MAX,

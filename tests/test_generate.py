@@ -5,7 +5,7 @@ import torch
 
 from dsv3_ref import ModelConfig, Transformer
 from dsv3_ref.data import BOS_ID, decode, encode
-from dsv3_ref.generate import decode_step, generate, generate_text, prefill
+from dsv3_ref.inference.generate import decode_step, generate, generate_text, prefill
 
 PROMPTS = [[BOS_ID, 72, 101, 108, 108, 111], [BOS_ID, 65], [BOS_ID, 1, 2, 3, 4, 5, 6, 7, 8, 9]]  # lengths 6, 2, 10
 

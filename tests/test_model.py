@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dsv3_ref import ModelConfig, MoE, Transformer
-from dsv3_ref.attention import causal_mask
-from dsv3_ref.layers import MLP
-from dsv3_ref.mtp import MTPModule
+from dsv3_ref.nn.attention import causal_mask
+from dsv3_ref.nn.layers import MLP
+from dsv3_ref.objectives.mtp import MTPModule
 
 TINY = ModelConfig.from_preset("tiny")
 

@@ -9,14 +9,22 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref import speculative as spec
-from dsv3_ref.accounting import mtp_params
-from dsv3_ref.attention import causal_mask
 from dsv3_ref.data import BOS_ID, CorpusData, encode
-from dsv3_ref.generate import generate
-from dsv3_ref.moe import MoE
-from dsv3_ref.mtp import MTPLoss, MTPModule, evaluate_mtp, mtp_hidden_states, mtp_logits, mtp_loss, paper_lambda
-from dsv3_ref.speculative import speculative_generate
+from dsv3_ref.inference import speculative as spec
+from dsv3_ref.inference.generate import generate
+from dsv3_ref.inference.speculative import speculative_generate
+from dsv3_ref.nn.attention import causal_mask
+from dsv3_ref.nn.moe import MoE
+from dsv3_ref.objectives.mtp import (
+    MTPLoss,
+    MTPModule,
+    evaluate_mtp,
+    mtp_hidden_states,
+    mtp_logits,
+    mtp_loss,
+    paper_lambda,
+)
+from dsv3_ref.systems.accounting import mtp_params
 from dsv3_ref.train import TrainConfig, Trainer
 
 

@@ -11,15 +11,8 @@ from safetensors.torch import load_file
 from dsv3_ref import ModelConfig, Transformer
 from dsv3_ref.__main__ import main
 from dsv3_ref.data import CorpusData
-from dsv3_ref.train import (
-    TRAIN_CONFIG_NAME,
-    TRAIN_STATE_NAME,
-    TrainConfig,
-    Trainer,
-    TrainHook,
-    lr_at,
-    read_model_config,
-)
+from dsv3_ref.train import TrainConfig, Trainer, TrainHook, lr_at
+from dsv3_ref.train.trainer import TRAIN_CONFIG_NAME, TRAIN_STATE_NAME, read_model_config
 
 FAST = dict(steps=6, batch_size=4, seq_len=32, warmup_steps=2, eval_every=3, eval_batches=2, log_every=1)
 
@@ -143,7 +136,7 @@ def test_low_precision_trains(data, precision):
     assert all(math.isfinite(h["train_loss"]) for h in history)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
     if precision == "fp8":
-        from dsv3_ref.fp8 import FP8Linear
+        from dsv3_ref.fp8.formats import FP8Linear
 
         assert any(isinstance(m, FP8Linear) for m in trainer.model.modules())
 
@@ -188,7 +181,7 @@ def test_atomic_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     before = load_file(tmp_path / "ck" / TRAIN_STATE_NAME)
     trainer.fit(stop_at=3)
 
-    import dsv3_ref.train as train_module
+    import dsv3_ref.train.trainer as train_module
 
     def broken_save_file(tensors, filename, metadata=None):  # fails after the model files were written
         with open(filename, "wb") as f:

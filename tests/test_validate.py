@@ -9,9 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dsv3_ref import ModelConfig, validate
+from dsv3_ref import ModelConfig
 from dsv3_ref.__main__ import main
-from dsv3_ref.validate import REFERENCES, collect_outputs, reference_model, reference_tokens
+from dsv3_ref.teaching import validate
+from dsv3_ref.teaching.validate import REFERENCES, collect_outputs, reference_model, reference_tokens
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import re
 import torch
 from torch import nn
 
-from .config import ATTN_IMPLS, PRESETS, ModelConfig
+from ..config import ATTN_IMPLS, PRESETS, ModelConfig
 
 # whole-model components, in the order the report prints them; "mtp" is every MTP module, as stored (see above)
 COMPONENTS = ("embed", "attention", "block_norms", "dense_mlp", "routed_experts", "shared_experts", "gate_weight",
@@ -176,7 +176,7 @@ def count_by_component(model: nn.Module) -> dict[str, int]:
 
 def meta_param_counts(cfg: ModelConfig) -> dict[str, int]:
     """`count_by_component` of `Transformer(cfg)` built on the meta device (shapes only, no memory; ~10 s at 671B)."""
-    from .model import Transformer
+    from ..nn.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)

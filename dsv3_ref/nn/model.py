@@ -13,8 +13,8 @@ import os
 import torch
 from torch import nn
 
+from ..config import ATTN_IMPLS, ModelConfig
 from .attention import MLA, KVCache, causal_mask
-from .config import ATTN_IMPLS, ModelConfig
 from .layers import MLP, RMSNorm
 from .moe import MoE
 from .rope import precompute_freqs_cis
@@ -159,12 +159,12 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         **kwargs) -> Transformer:
         """Load a DeepSeek-V3-format checkpoint folder (config.json + safetensors). See `dsv3_ref.checkpoint`."""
-        from .checkpoint import load_pretrained
+        from ..io.checkpoint import load_pretrained
 
         return load_pretrained(path, dtype=dtype, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         """Write config.json + model.safetensors with the hub's key names. See `dsv3_ref.checkpoint`."""
-        from .checkpoint import save_pretrained
+        from ..io.checkpoint import save_pretrained
 
         save_pretrained(self, path, **kwargs)

@@ -46,12 +46,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .model import Transformer
-from .moe import MoE
-from .mtp import mtp_hidden_states
+from ..config import ModelConfig
+from ..nn.model import Transformer
+from ..nn.moe import MoE
+from ..objectives.mtp import mtp_hidden_states
 
-REFERENCE_DIR = Path(__file__).resolve().parent / "reference_outputs"
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference_outputs"
 FORMAT = "dsv3_ref reference outputs v1"
 TOKENS_FILE = "tokens.safetensors"
 STD, NORM_STD, BIAS_MAX = 0.1, 0.2, 0.3  # the reference weights: N(0, STD), norms 1 + N(0, NORM_STD), bias U(0, MAX)

@@ -38,9 +38,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, from_fields
-from .data import PAD_ID, CorpusData, TextFileData, TokenData, bits_per_byte
-from .model import Transformer
+from ..config import ModelConfig, from_fields
+from ..data import PAD_ID, CorpusData, TextFileData, TokenData, bits_per_byte
+from ..nn.model import Transformer
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 TRAIN_STATE_NAME = "train_state.safetensors"
@@ -204,7 +204,7 @@ class Trainer:
             raise ValueError(f"the data has {self.data.vocab_size} token ids but the model's vocab_size is "
                              f"{mcfg.vocab_size}")
         if cfg.precision == "fp8":
-            from .fp8 import convert_to_fp8
+            from ..fp8.formats import convert_to_fp8
 
             convert_to_fp8(model)
         self.device = next(model.parameters()).device

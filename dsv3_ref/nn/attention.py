@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ATTN_IMPLS, ModelConfig
+from ..config import ATTN_IMPLS, ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rotary_emb
 

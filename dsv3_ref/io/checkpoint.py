@@ -37,8 +37,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .fp8 import block_dequant
+from ..config import ModelConfig
+from ..fp8.formats import block_dequant
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -322,7 +322,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     True = require them. The MTP layer's copies of embed_tokens and shared_head.head are checked against the
     main tensors (a warning if they differ) and not loaded: the model shares the main embedding and head.
     """
-    from .model import Transformer
+    from ..nn.model import Transformer
 
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype!r}")

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import KVCache, causal_mask
-from .data import EOS_ID
+from ..data import EOS_ID
+from ..nn.attention import KVCache, causal_mask
+from ..nn.model import Transformer
 from .generate import _check_args
-from .model import Transformer
 
 
 @dataclass

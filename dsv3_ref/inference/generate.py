@@ -29,10 +29,10 @@ import math
 
 import torch
 
-from .attention import KVCache
-from .config import ATTN_IMPLS
-from .data import EOS_ID, decode, encode
-from .model import Transformer
+from ..config import ATTN_IMPLS
+from ..data import EOS_ID, decode, encode
+from ..nn.attention import KVCache
+from ..nn.model import Transformer
 
 
 @torch.no_grad()

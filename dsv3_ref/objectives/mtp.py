@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import causal_mask
-from .data import PAD_ID
-from .model import MTPModule  # noqa: F401  (the module lives beside Block; re-exported here)
-from .train import TrainHook
+from ..data import PAD_ID
+from ..nn.attention import causal_mask
+from ..nn.model import MTPModule  # noqa: F401  (the module lives beside Block; re-exported here)
+from ..train.trainer import TrainHook
 
 # report §4.2: lambda = 0.3 for the first 10T training tokens, 0.1 for the remaining 4.8T (of 14.8T)
 PAPER_LAMBDAS = (0.3, 0.1)

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe import MoE, Routing
-from .train import TrainHook
+from ..nn.moe import MoE, Routing
+from ..train.trainer import TrainHook
 
 PAPER_GAMMA = 1e-3  # bias update speed for the first 14.3T tokens (report §4.2)
 PAPER_FREEZE_FRACTION = 0.5 / 14.8  # gamma = 0 for the last 500B of the 14.8T training tokens

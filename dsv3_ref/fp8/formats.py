@@ -62,9 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MLA
-from .layers import MLP, RMSNorm
-from .moe import Gate
+from ..nn.attention import MLA
+from ..nn.layers import MLP, RMSNorm
+from ..nn.moe import Gate
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
