@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsv3_ref import ModelConfig, Transformer
+from dsv3_ref import ModelConfig, Transformer, save_pretrained
 from dsv3_ref.data import BOS_ID, decode, encode
 from dsv3_ref.inference.generate import decode_step, generate, generate_text, prefill
 
@@ -129,7 +129,7 @@ def test_generate_text_encodes_and_decodes_bytes(model):
 def test_cli_generate(model, tmp_path, capsys):
     from dsv3_ref.__main__ import main
 
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert main(["generate", str(tmp_path), "--prompt", "ab", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ab")

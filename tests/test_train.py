@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsv3_ref import ModelConfig, Transformer
+from dsv3_ref import ModelConfig, Transformer, from_pretrained
 from dsv3_ref.__main__ import main
 from dsv3_ref.data import CorpusData
 from dsv3_ref.train import TrainConfig, Trainer, TrainHook, lr_at
@@ -290,7 +290,7 @@ def test_cli_train_on_cuda_resumes_like_the_cpu_does(tmp_path, capsys, precision
     assert main(["train", "--resume", str(tmp_path / "split"), "--steps", "6", "--no-progress", "--device", "cuda",
                  "--out", str(tmp_path / "split")]) == 0
     capsys.readouterr()
-    straight = Transformer.from_pretrained(tmp_path / "straight")
-    split = Transformer.from_pretrained(tmp_path / "split")
+    straight = from_pretrained(tmp_path / "straight")
+    split = from_pretrained(tmp_path / "split")
     for (name, a), b in zip(straight.state_dict().items(), split.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)

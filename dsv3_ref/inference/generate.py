@@ -31,6 +31,7 @@ import torch
 
 from ..config import ATTN_IMPLS
 from ..data import EOS_ID, decode, encode
+from ..io.checkpoint import from_pretrained
 from ..nn.attention import KVCache
 from ..nn.model import Transformer
 
@@ -159,7 +160,7 @@ def generate_text(model: Transformer, prompt: str, max_new_tokens: int = 64, bos
 
 # ---------------------------------------------------------------------- command line
 def _run_cli(args: argparse.Namespace) -> int:
-    model = Transformer.from_pretrained(args.checkpoint)
+    model = from_pretrained(args.checkpoint)
     model.eval()
     text = generate_text(model, args.prompt, max_new_tokens=args.max_new_tokens, bos=not args.no_bos,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, attn_impl=args.attn_impl)
@@ -170,7 +171,7 @@ def _run_cli(args: argparse.Namespace) -> int:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """`python -m dsv3_ref generate DIR --prompt TEXT [...]`: continue a byte-level prompt with a saved model."""
     p = subparsers.add_parser("generate", help="continue a text prompt with a saved checkpoint",
-                              description="Load Transformer.from_pretrained(DIR) and continue --prompt (byte tokens).")
+                              description="Load from_pretrained(DIR) and continue --prompt (byte tokens).")
     p.add_argument("checkpoint", metavar="DIR", help="checkpoint folder (config.json + *.safetensors)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (default 64)")

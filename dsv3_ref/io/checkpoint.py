@@ -16,7 +16,7 @@ main ones (report §2.2), so on load those copies are compared with the main ten
 otherwise ignored, and on save they are written again, as the hub does.
 
 Released weights are FP8 (`float8_e4m3fn`) with one fp32 `<name>_scale_inv` multiplier per 128 x 128 block;
-`load_pretrained` dequantizes them (`dsv3_ref.fp8.block_dequant`). transformers' in-memory fused expert layout
+`from_pretrained` dequantizes them (`dsv3_ref.fp8.formats.block_dequant`). transformers' in-memory fused expert layout
 (`mlp.experts.gate_up_proj` (E, 2 I, H) = cat(gate, up), `mlp.experts.down_proj` (E, H, I)) is accepted on load;
 transformers' own `save_pretrained` converts back to the per-expert keys, which is also what we write.
 
@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..fp8.formats import block_dequant
+from ..nn.model import Transformer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -289,25 +290,25 @@ def _resolve_mtp(cfg: ModelConfig, keys: list[str], load_mtp: bool | None) -> Mo
         return cfg
     if load_mtp is False:
         if cfg.n_mtp_layers or stored:
-            warnings.warn(f"load_pretrained: skipping the MTP layer(s) [{names}] (load_mtp=False); the model is built "
+            warnings.warn(f"from_pretrained: skipping the MTP layer(s) [{names}] (load_mtp=False); the model is built "
                           "with n_mtp_layers=0", stacklevel=3)
         return cfg.replace(n_mtp_layers=0)
     if load_mtp is not None:
         raise ValueError(f"load_mtp must be None, True or False, got {load_mtp!r}")
     if cfg.n_mtp_layers == 0:
         if stored:
-            warnings.warn(f"load_pretrained: config.json declares no MTP module (num_nextn_predict_layers=0), so the "
+            warnings.warn(f"from_pretrained: config.json declares no MTP module (num_nextn_predict_layers=0), so the "
                           f"checkpoint's MTP layer(s) [{names}] are skipped", stacklevel=3)
         return cfg
     if not stored:
-        warnings.warn(f"load_pretrained: config.json declares num_nextn_predict_layers={cfg.n_mtp_layers} but the "
+        warnings.warn(f"from_pretrained: config.json declares num_nextn_predict_layers={cfg.n_mtp_layers} but the "
                       f"checkpoint stores no model.layers.{cfg.n_layers}+ tensors; building the model without MTP "
                       "(pass load_mtp=True to require them)", stacklevel=3)
         return cfg.replace(n_mtp_layers=0)
     return cfg
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, strict: bool = True,
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, strict: bool = True,
                     load_mtp: bool | None = None):
     """Build a `Transformer` from a hub-format folder (config.json + safetensors). Returns the model (on CPU).
 
@@ -322,8 +323,6 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     True = require them. The MTP layer's copies of embed_tokens and shared_head.head are checked against the
     main tensors (a warning if they differ) and not loaded: the model shares the main embedding and head.
     """
-    from ..nn.model import Transformer
-
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype!r}")
     folder = _checkpoint_folder(path)
@@ -374,9 +373,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if strict and unexpected:
         problems.append(f"unexpected tensor(s) {_list_keys(unexpected)}")
     if problems:
-        raise ValueError(f"load_pretrained({folder!r}): " + "; ".join(problems))
+        raise ValueError(f"from_pretrained({folder!r}): " + "; ".join(problems))
     if missing or unexpected:
-        warnings.warn(f"load_pretrained(strict=False): missing {_list_keys([hub_key(k, n) for k in missing])} (kept "
+        warnings.warn(f"from_pretrained(strict=False): missing {_list_keys([hub_key(k, n) for k in missing])} (kept "
                       f"randomly initialised); unexpected {_list_keys(unexpected)} (ignored)", stacklevel=2)
 
     # ---- load, dequantize, cast (gate biases stay fp32)
@@ -394,7 +393,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         del t
     for key, main in duplicates:
         if main in state and not torch.equal(cast(main, reader.get(key)), state[main]):
-            warnings.warn(f"load_pretrained: {key} differs from {hub_key(main, n)}; the MTP module shares the main "
+            warnings.warn(f"from_pretrained: {key} differs from {hub_key(main, n)}; the MTP module shares the main "
                           "model's tensor (as the report and serving stacks do), so this copy is ignored", stacklevel=2)
     if missing:  # strict=False only
         fresh = Transformer(cfg).state_dict()

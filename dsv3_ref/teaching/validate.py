@@ -47,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..io.checkpoint import from_pretrained, save_pretrained
 from ..nn.model import Transformer
 from ..nn.moe import MoE
 from ..objectives.mtp import mtp_hidden_states
@@ -197,7 +198,7 @@ def export_reference(name: str, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"export: {str(folder)!r} exists and is not a folder")
-    model.save_pretrained(folder)
+    save_pretrained(model, folder)
     save_file({"tokens": tokens}, str(folder / TOKENS_FILE), metadata={"reference": name})
     return folder
 
@@ -393,7 +394,7 @@ def validate_checkpoint(path: str | os.PathLike, reference: str | None = None, a
                         rtol: float = RTOL) -> ValidationReport:
     """Load a hub-format checkpoint with dsv3_ref, run it on the matching reference's tokens (or `reference`'s,
     whose config it must have), and compare layer by layer."""
-    model = Transformer.from_pretrained(path).eval()
+    model = from_pretrained(path).eval()
     name = matching_reference(model.config)
     if reference is not None and reference != name:
         get_reference(reference)

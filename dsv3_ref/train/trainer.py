@@ -12,7 +12,7 @@ say). The gate's correction bias is a buffer, so it is never in the optimiser: t
 Hooks (`TrainHook`) add loss terms after every micro-batch's forward, act after every optimiser step, and report
 metrics into `Trainer.history`; the load-balancing, MTP and FP8 chapters plug in there.
 
-A checkpoint folder holds `config.json` + `model.safetensors` (`Transformer.save_pretrained`, the hub's format),
+A checkpoint folder holds `config.json` + `model.safetensors` (`dsv3_ref.save_pretrained`, the hub's format),
 `train_state.safetensors` (optimiser moments, the step, the random-number generators' states, the history) and
 `train_config.json`. Resuming from it continues exactly as if training had never stopped.
 """
@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig, from_fields
 from ..data import PAD_ID, CorpusData, TextFileData, TokenData, bits_per_byte
+from ..io.checkpoint import from_pretrained, save_pretrained
 from ..nn.model import Transformer
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -345,7 +346,7 @@ class Trainer:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
         try:
-            self.model.save_pretrained(tmp)
+            save_pretrained(self.model, tmp)
             save_file(self._state_tensors(), os.path.join(tmp, TRAIN_STATE_NAME), metadata=self._state_metadata())
             with open(os.path.join(tmp, TRAIN_CONFIG_NAME), "w", encoding="utf-8") as f:
                 json.dump(self.cfg.to_dict(), f, indent=2)
@@ -402,7 +403,7 @@ class Trainer:
         if differ:
             detail = ", ".join(f"{k}: checkpoint {saved_cfg.get(k)!r}, model {ours.get(k)!r}" for k in differ)
             raise ValueError(f"{path}: the checkpoint was trained with a different model config ({detail})")
-        loaded = Transformer.from_pretrained(path, dtype=self.model.embed.weight.dtype)  # ValueError if damaged
+        loaded = from_pretrained(path, dtype=self.model.embed.weight.dtype)  # ValueError if damaged
         self.model.load_state_dict(loaded.state_dict())
         names = self._param_names()
         optim_state: dict[int, dict[str, torch.Tensor]] = {}
