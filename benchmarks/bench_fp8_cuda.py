@@ -33,7 +33,8 @@ import torch
 
 from dsv3_ref import ModelConfig, Transformer
 from dsv3_ref.data import CorpusData
-from dsv3_ref.fp8.formats import fp8_capable, fp8_gemm, quantize
+from dsv3_ref.fp8.formats import quantize
+from dsv3_ref.fp8.gemm import fp8_capable, fp8_gemm
 from dsv3_ref.train import TrainConfig, Trainer
 
 

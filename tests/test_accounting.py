@@ -200,7 +200,7 @@ def test_checkpoint_bytes_671b(cfg671):
 def test_checkpoint_bytes_match_the_converted_model(overrides):
     """Closed form vs the tensors the hub format stores for a model converted by `convert_to_fp8`: every FP8Linear
     weight is E4M3 with a ceil(out/128) x ceil(in/128) scale, the gate biases fp32, the rest (MTP copies too) BF16."""
-    from dsv3_ref.fp8.formats import FP8Linear, convert_to_fp8
+    from dsv3_ref.fp8.linear import FP8Linear, convert_to_fp8
     from dsv3_ref.io.checkpoint import hub_state_dict
 
     cfg = ModelConfig.from_preset("tiny", **overrides)
@@ -229,7 +229,7 @@ def test_checkpoint_bytes_match_the_converted_model(overrides):
 def test_fp8_linear_inputs_match_the_model():
     """Per token, the distinct input tensors of the FP8 linear layers in a forward pass (w1 and w3, wq_a and wkv_a
     share theirs) hold exactly `fp8_linear_inputs(cfg)["total"]` values; per layer type too."""
-    from dsv3_ref.fp8.formats import FP8Linear, convert_to_fp8
+    from dsv3_ref.fp8.linear import FP8Linear, convert_to_fp8
 
     cfg = ModelConfig.from_preset("tiny")
     torch.manual_seed(0)

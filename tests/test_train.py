@@ -136,7 +136,7 @@ def test_low_precision_trains(data, precision):
     assert all(math.isfinite(h["train_loss"]) for h in history)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
     if precision == "fp8":
-        from dsv3_ref.fp8.formats import FP8Linear
+        from dsv3_ref.fp8.linear import FP8Linear
 
         assert any(isinstance(m, FP8Linear) for m in trainer.model.modules())
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import ATTN_IMPLS, PRESETS, ModelConfig
+from ..fp8.formats import BLOCK  # the hub's weight_block_size: one fp32 weight_scale_inv per 128 x 128 block
 
 # whole-model components, in the order the report prints them; "mtp" is every MTP module, as stored (see above)
 COMPONENTS = ("embed", "attention", "block_norms", "dense_mlp", "routed_experts", "shared_experts", "gate_weight",
@@ -301,13 +302,10 @@ def training_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "naive
 
 
 # ---------------------------------------------------------------------------------------------- FP8 storage
-BLOCK = 128  # the hub's weight_block_size: one fp32 weight_scale_inv per 128 x 128 block
-
-
 def fp8_linear_shapes(cfg: ModelConfig, moe: bool) -> list[tuple[int, int]]:
     """(out, in) of every linear of one block that the report computes in FP8 and the hub stores as E4M3 with a
-    weight_scale_inv (`dsv3_ref.fp8.convert_to_fp8` swaps the same ones): the MLA projections, then the dense MLP's
-    w1, w2, w3, or (moe=True) every routed expert's and the shared experts' w1, w2, w3."""
+    weight_scale_inv (`dsv3_ref.fp8.linear.convert_to_fp8` swaps the same ones): the MLA projections, then the dense
+    MLP's w1, w2, w3, or (moe=True) every routed expert's and the shared experts' w1, w2, w3."""
     H, d = cfg.n_heads, cfg.dim
     q_out = H * cfg.qk_head_dim
     attn = [(cfg.q_lora_rank, d), (q_out, cfg.q_lora_rank)] if cfg.q_lora_rank else [(q_out, d)]

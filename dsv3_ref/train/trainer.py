@@ -4,7 +4,7 @@ evaluation on fixed validation batches, hooks, and exactly resumable safetensors
 The optimiser follows the report's pre-training recipe in kind (§4.2: AdamW, beta1 0.9, beta2 0.95, weight decay
 0.1, gradient clip 1.0, warm-up then cosine decay), scaled to a CPU: the parameters stay fp32 (the report's master
 weights are fp32 too; its AdamW moments are BF16, ours fp32); `precision="bf16"` runs the forward pass under
-bfloat16 autocast and `"fp8"` swaps the report's FP8 layers for `FP8Linear` (`dsv3_ref.fp8.convert_to_fp8`).
+bfloat16 autocast and `"fp8"` swaps the report's FP8 layers for `FP8Linear` (`dsv3_ref.fp8.linear.convert_to_fp8`).
 Weight decay applies to matrices only (every linear layer, the embedding, the output head and the router), not to
 the RMSNorm gains, the common practice (GPT-2 / Megatron-LM: no decay on norms and biases; the report does not
 say). The gate's correction bias is a buffer, so it is never in the optimiser: the balancing hook moves it.
@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig, from_fields
 from ..data import PAD_ID, CorpusData, TextFileData, TokenData, bits_per_byte
+from ..fp8.linear import convert_to_fp8
 from ..io.checkpoint import from_pretrained, save_pretrained
 from ..nn.model import Transformer
 
@@ -205,8 +206,6 @@ class Trainer:
             raise ValueError(f"the data has {self.data.vocab_size} token ids but the model's vocab_size is "
                              f"{mcfg.vocab_size}")
         if cfg.precision == "fp8":
-            from ..fp8.formats import convert_to_fp8
-
             convert_to_fp8(model)
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
