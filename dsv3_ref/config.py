@@ -8,6 +8,7 @@ The crosswalk between the two, and the paper's symbols, is `HF_FIELDS` below and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,6 +18,12 @@ from typing import Any
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ATTN_IMPLS = ("naive", "absorb")
+
+
+def require(cond: bool, msg: str, owner: str) -> None:
+    """The one validator of every config dataclass: ValueError(f"{owner}: {msg}") unless cond."""
+    if not cond:
+        raise ValueError(f"{owner}: {msg}")
 
 
 def from_fields(cls: type, d: dict[str, Any]) -> Any:
@@ -120,11 +127,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError naming the field and what is allowed for every impossible combination."""
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"ModelConfig: {msg}")
-
+        need = functools.partial(require, owner="ModelConfig")
         positive = ["vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts",
                     "n_activated_experts", "n_expert_groups", "n_limited_groups", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"]

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dsv3_ref import KVCache, ModelConfig, Transformer
-from dsv3_ref.__main__ import main
+from dsv3_ref.cli import main
 from dsv3_ref.systems import accounting as acc
 
 # facts sheet §5.1: the 671B model by component (gate bias included as a parameter, as the official code stores it)

@@ -9,10 +9,6 @@ from dsv3_ref.data import CorpusData
 from dsv3_ref.nn.moe import Routing
 from dsv3_ref.objectives.balance import (
     PAPER_FREEZE_FRACTION,
-    ExpertAuxLoss,
-    LoadMonitor,
-    LossFreeBalancing,
-    SequenceBalanceLoss,
     collect_loads,
     expert_aux_loss,
     expert_load,
@@ -23,7 +19,15 @@ from dsv3_ref.objectives.balance import (
     sequence_balance_loss,
     update_bias,
 )
-from dsv3_ref.train import TrainConfig, Trainer, TrainHook
+from dsv3_ref.train import (
+    ExpertAuxLoss,
+    LoadMonitor,
+    LossFreeBalancing,
+    SequenceBalanceLoss,
+    TrainConfig,
+    Trainer,
+    TrainHook,
+)
 
 
 def _gate(seed: int = 0, group_score: str = "official", bias_std: float = 0.0, **overrides) -> tuple[ModelConfig, Gate]:

@@ -127,7 +127,7 @@ def test_generate_text_encodes_and_decodes_bytes(model):
 
 
 def test_cli_generate(model, tmp_path, capsys):
-    from dsv3_ref.__main__ import main
+    from dsv3_ref.cli import main
 
     save_pretrained(model, tmp_path)
     assert main(["generate", str(tmp_path), "--prompt", "ab", "--max-new-tokens", "5"]) == 0

@@ -8,7 +8,7 @@ from torch.testing import assert_close
 from dsv3_ref import ModelConfig, MoE, Transformer
 from dsv3_ref.nn.attention import causal_mask
 from dsv3_ref.nn.layers import MLP
-from dsv3_ref.objectives.mtp import MTPModule
+from dsv3_ref.nn.model import MTPModule
 
 TINY = ModelConfig.from_preset("tiny")
 

@@ -14,10 +14,9 @@ from dsv3_ref.inference import speculative as spec
 from dsv3_ref.inference.generate import generate
 from dsv3_ref.inference.speculative import speculative_generate
 from dsv3_ref.nn.attention import causal_mask
+from dsv3_ref.nn.model import MTPModule
 from dsv3_ref.nn.moe import MoE
 from dsv3_ref.objectives.mtp import (
-    MTPLoss,
-    MTPModule,
     evaluate_mtp,
     mtp_hidden_states,
     mtp_logits,
@@ -25,7 +24,7 @@ from dsv3_ref.objectives.mtp import (
     paper_lambda,
 )
 from dsv3_ref.systems.accounting import mtp_params
-from dsv3_ref.train import TrainConfig, Trainer
+from dsv3_ref.train import MTPLoss, TrainConfig, Trainer
 
 
 def _model(n_mtp_layers=1, seed=0, **overrides) -> Transformer:

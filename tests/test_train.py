@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dsv3_ref import ModelConfig, Transformer, from_pretrained
-from dsv3_ref.__main__ import main
+from dsv3_ref.cli import main
 from dsv3_ref.data import CorpusData
 from dsv3_ref.train import TrainConfig, Trainer, TrainHook, lr_at
 from dsv3_ref.train.trainer import TRAIN_CONFIG_NAME, TRAIN_STATE_NAME, read_model_config

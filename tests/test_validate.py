@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dsv3_ref import ModelConfig, save_pretrained
-from dsv3_ref.__main__ import main
+from dsv3_ref.cli import main
 from dsv3_ref.teaching import validate
 from dsv3_ref.teaching.validate import REFERENCES, collect_outputs, reference_model, reference_tokens
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +39,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..fp8.formats import block_dequant
 from ..nn.model import Transformer
+from .atomic import write_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -426,30 +426,13 @@ def _plan_fused(key: str, shape: tuple[int, ...], kind: str, prefix: str, n_laye
 
 
 # ------------------------------------------------------------------ writing
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) into a temporary file next to `path`, then rename it over `path` (never a half-written file)."""
-    folder, base = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: str, obj: Any) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
 
-    _atomic_write(path, write)
+    write_file(path, write)
 
 
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
@@ -486,7 +469,7 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
         # safetensors refuses tensors sharing storage: the MTP layer's copies of embed/head are cloned
         data = {k: (tensors[k].detach().cpu().clone() if _is_mtp_copy(k, n_layers)
                     else tensors[k].detach().cpu().contiguous()) for k in keys}
-        _atomic_write(os.path.join(path, file), lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+        write_file(os.path.join(path, file), lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
 
     if len(shards) == 1:
         write_shard(shards[0], WEIGHTS_NAME)

@@ -20,7 +20,6 @@ asserts that they agree exactly. `report(cfg)` prints everything; `python -m dsv
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 
@@ -459,22 +458,3 @@ def resolve_config(spec: str) -> tuple[ModelConfig, str]:
         return ModelConfig.from_hf(spec), os.path.basename(os.path.abspath(spec))
     raise ValueError(f"unknown model {spec!r}: give a preset name (one of {list(PRESETS)}) or a path to a Hugging "
                      "Face config.json or its folder")
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    cfg, label = resolve_config(args.model)
-    meta = check_counts(cfg) if args.check_meta else None
-    print(report(cfg, name=label, ctx=args.ctx, meta_counts=meta))
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """`python -m dsv3_ref info MODEL [--ctx N] [--no-check-meta]`."""
-    p = subparsers.add_parser("info", help="parameter, KV-cache and FLOP accounting of a model",
-                              description="Print the parameter, activated-parameter, KV-cache and FLOP accounting.")
-    p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a path to a HF config.json or its folder")
-    p.add_argument("--ctx", type=int, default=None,
-                   help="context length for the FLOP lines (default: the config's original_seq_len)")
-    p.add_argument("--check-meta", action=argparse.BooleanOptionalAction, default=True,
-                   help="also build the model on the meta device and check the counts agree (default: on)")
-    p.set_defaults(func=_cmd_info)

@@ -373,7 +373,7 @@ def simulate_orders(pp: int, orders: list[list[Step]], durations: Durations) -> 
     return sorted(ops, key=lambda op: (op.rank, op.start, op.op))
 
 
-def _check_args(method: str, pp: int, n_micro: int) -> None:
+def _check_schedule_args(method: str, pp: int, n_micro: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not (isinstance(pp, int) and pp >= 1):
@@ -399,6 +399,6 @@ def schedule(method: str, pp: int, n_micro: int, durations: Durations | None = N
     durations = Durations() if durations is None else durations
     if not isinstance(durations, Durations):
         raise ValueError(f"durations must be a Durations, got {type(durations).__name__}")
-    _check_args(method, pp, n_micro)
+    _check_schedule_args(method, pp, n_micro)
     ops = simulate_orders(pp, ORDERS[method](pp, n_micro), durations)
     return Schedule(method, pp, n_micro, durations, ops)

@@ -39,10 +39,10 @@ from torch import nn
 from ..config import ModelConfig
 from ..fp8 import formats as fp8
 from ..nn.attention import MLA, causal_mask
+from ..nn.model import MTPModule
 from ..nn.moe import Gate
 from ..nn.rope import apply_rotary_emb, precompute_freqs_cis
 from ..objectives import balance
-from ..objectives.mtp import MTPModule
 
 SOLUTIONS_ENV = "DSV3_SOLUTIONS"
 SOLUTION_MARKER = "# SOLUTION"
