@@ -287,39 +287,47 @@ def order_dualpipe(pp: int, n_micro: int) -> list[list[Step]]:
 
     Micro-batches of each direction run in order 0, 1, ..., n_micro/2 - 1.
     """
-    n, half = pp // 2, n_micro // 2
-    orders = []
-    for r in range(pp):
-        h = min(r, pp - 1 - r)
-        o, steps = _DualPipeRank(pp, r), []
-        for _ in range(2 * (n - h - 1)):  # step 1: nF0
-            steps.append((o.fwd(0),))
-        for _ in range(h + 1):  # step 2: nF0F1
-            steps += [(o.fwd(0),), (o.fwd(1),)]
-        for _ in range(n - h - 1):  # step 3: nB1W1F1 (zero bubble: the W right after its BI)
-            steps += [(o.bwd(1, split=True),), (o.weight(),), (o.fwd(1),)]
-        for i in range(half - pp + h + 1):  # step 4, the main step: nF0B1F1B0
-            if i == 0 and h == n - 1:  # the middle ranks do not overlap this pair ("to further reduce bubble size")
-                steps += [(o.fwd(0),), (o.bwd(1),)]
-            else:
-                steps.append((o.fwd(0), o.bwd(1)))
-            steps.append((o.fwd(1), o.bwd(0)))
-        for _ in range(n - h - 1):  # step 5: nB1F1B0
-            steps += [(o.bwd(1),), (o.fwd(1), o.bwd(0))]
-        split = False
-        for i in range(h + 1):  # step 6: nB1B0, its second half with deferred weight passes
-            if i == (h + 1) // 2 and h % 2 == 1:
-                split = True
-            steps.append((o.bwd(1, split),))
-            if i == (h + 1) // 2 and h % 2 == 0:
-                split = True
-            steps.append((o.bwd(0, split),))
-        for _ in range(n - h - 1):  # step 7: nWB0
-            steps += [(o.weight(),), (o.bwd(0, split=True),)]
-        for _ in range(h + 1):  # step 8: nW
-            steps.append((o.weight(),))
-        orders.append(steps)
-    return orders
+    return [_dualpipe_rank(pp, r, n_micro // 2) for r in range(pp)]
+
+
+def _dualpipe_rank(pp: int, r: int, half: int) -> list[Step]:
+    """Rank r's DualPipe order, h = min(r, pp-1-r), n = pp/2: the warm-up and main steps 1-5, then `_dualpipe_drain`."""
+    n, h = pp // 2, min(r, pp - 1 - r)
+    o, steps = _DualPipeRank(pp, r), []
+    for _ in range(2 * (n - h - 1)):  # step 1: nF0
+        steps.append((o.fwd(0),))
+    for _ in range(h + 1):  # step 2: nF0F1
+        steps += [(o.fwd(0),), (o.fwd(1),)]
+    for _ in range(n - h - 1):  # step 3: nB1W1F1 (zero bubble: the W right after its BI)
+        steps += [(o.bwd(1, split=True),), (o.weight(),), (o.fwd(1),)]
+    for i in range(half - pp + h + 1):  # step 4, the main step: nF0B1F1B0
+        if i == 0 and h == n - 1:  # the middle ranks do not overlap this pair ("to further reduce bubble size")
+            steps += [(o.fwd(0),), (o.bwd(1),)]
+        else:
+            steps.append((o.fwd(0), o.bwd(1)))
+        steps.append((o.fwd(1), o.bwd(0)))
+    for _ in range(n - h - 1):  # step 5: nB1F1B0
+        steps += [(o.bwd(1),), (o.fwd(1), o.bwd(0))]
+    return steps + _dualpipe_drain(o, n, h)
+
+
+def _dualpipe_drain(o: _DualPipeRank, n: int, h: int) -> list[Step]:
+    """Steps 6-8 of a DualPipe rank: the last backward passes, half of them with deferred weight passes, then the
+    deferred weight passes."""
+    steps: list[Step] = []
+    split = False
+    for i in range(h + 1):  # step 6: nB1B0, its second half with deferred weight passes
+        if i == (h + 1) // 2 and h % 2 == 1:
+            split = True
+        steps.append((o.bwd(1, split),))
+        if i == (h + 1) // 2 and h % 2 == 0:
+            split = True
+        steps.append((o.bwd(0, split),))
+    for _ in range(n - h - 1):  # step 7: nWB0
+        steps += [(o.weight(),), (o.bwd(0, split=True),)]
+    for _ in range(h + 1):  # step 8: nW
+        steps.append((o.weight(),))
+    return steps
 
 
 ORDERS = {"1F1B": order_1f1b, "ZB1P": order_zb1p, "DualPipe": order_dualpipe}
