@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
@@ -65,7 +66,7 @@ def _blocks(x2: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
     bm, bk = (rows if mb == 1 else bm), (cols if kb == 1 else bk)
     if (mb * bm, kb * bk) != (rows, cols):
         x2 = F.pad(x2, (0, kb * bk - cols, 0, mb * bm - rows))
-    return x2.reshape(mb, bm, kb, bk)
+    return rearrange(x2, "(mb bm) (kb bk) -> mb bm kb bk", bm=bm, bk=bk)
 
 
 def scale_shape(x_shape: torch.Size, bm: int, mb: int, kb: int) -> tuple[int, ...]:
@@ -137,7 +138,7 @@ def _scaled_blocks(x2: torch.Tensor, bm: int, bk: int, dtype: torch.dtype, scale
     scale = amax.clamp_(min=amax_floor).div_(fmax)
     if scale_fmt == "ue8m0":
         scale = ceil_pow2(scale)
-    v = blocks / scale.view(scale.shape[0], 1, scale.shape[1], 1)
+    v = blocks / rearrange(scale, "mb kb -> mb 1 kb 1")
     if not finite:
         v.clamp_(-fmax, fmax)  # inf -> fmax; NaN stays NaN
     return v, scale
@@ -145,8 +146,7 @@ def _scaled_blocks(x2: torch.Tensor, bm: int, bk: int, dtype: torch.dtype, scale
 
 def _crop(blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """(Mb, bm, Kb, bk) padded blocks -> the tensor of `shape` they cover."""
-    mb, bm = blocks.shape[:2]
-    flat = blocks.reshape(mb * bm, -1)
+    flat = rearrange(blocks, "mb bm kb bk -> (mb bm) (kb bk)")
     rows, cols = math.prod(shape[:-1]), shape[-1]
     return (flat if flat.shape == (rows, cols) else flat[:rows, :cols]).reshape(shape)
 
@@ -174,7 +174,7 @@ def fake_quantize_2d(x2: torch.Tensor, bm: int, bk: int, dtype: torch.dtype, sca
     """`fake_quantize` of a float32 (rows, cols) matrix in bm x bk blocks, arguments already checked (FP8Linear's
     hot path): x / s rounded onto the format's grid (`round_to_fp8_`) times s, (rows, cols) float32."""
     v, scale = _scaled_blocks(x2, bm, bk, dtype, scale_fmt, amax_floor)
-    return _crop(round_to_fp8_(v, dtype).mul_(scale.view(scale.shape[0], 1, scale.shape[1], 1)), x2.shape)
+    return _crop(round_to_fp8_(v, dtype).mul_(rearrange(scale, "mb kb -> mb 1 kb 1")), x2.shape)
 
 
 def fake_quantize(x: torch.Tensor, block: str | tuple[int | None, int | None] = "1x128", fmt: str = "e4m3",
