@@ -28,10 +28,6 @@ CONFIGS = {
 STD, NORM_STD, BIAS_MAX = 0.15, 0.2, 0.3
 
 
-def _tokens(cfg: ModelConfig) -> torch.Tensor:
-    return torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-
-
 @torch.no_grad()
 def _randomize(named_params, named_buffers, seed: int) -> None:
     """Every matrix N(0, STD), every norm weight 1 + N(0, NORM_STD), every correction bias U(0, BIAS_MAX)."""
@@ -72,7 +68,7 @@ def _hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_hf_checkpoint_loads_into_ours(name, tmp_path):
+def test_hf_checkpoint_loads_into_ours(name, tmp_path, random_tokens):
     cfg = ModelConfig.from_preset("tiny", **CONFIGS[name])
     hf_model = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg.to_hf(), attn_implementation="eager")).eval()
     _randomize(hf_model.named_parameters(), hf_model.named_buffers(), seed=0)
@@ -80,7 +76,7 @@ def test_hf_checkpoint_loads_into_ours(name, tmp_path):
 
     ours = from_pretrained(tmp_path)
     assert ours.config == cfg  # transformers' config.json (rope_parameters, ...) reads back to the same config
-    tokens = _tokens(cfg)
+    tokens = random_tokens(2, 16, seed=1, vocab=cfg.vocab_size)
     diff = (_hf_logits(hf_model, tokens) - ours(tokens)).abs().max().item()
     print(f"{name}: HF -> ours max |dlogit| = {diff:.2e}")
     assert diff < 1e-4
@@ -88,7 +84,7 @@ def test_hf_checkpoint_loads_into_ours(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_our_checkpoint_loads_into_hf(name, tmp_path):
+def test_our_checkpoint_loads_into_hf(name, tmp_path, random_tokens):
     cfg = ModelConfig.from_preset("tiny", **CONFIGS[name])
     ours = Transformer(cfg)
     _randomize(ours.named_parameters(), ours.named_buffers(), seed=1)
@@ -97,7 +93,7 @@ def test_our_checkpoint_loads_into_hf(name, tmp_path):
     hf_model, info = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                            dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    tokens = _tokens(cfg)
+    tokens = random_tokens(2, 16, seed=1, vocab=cfg.vocab_size)
     with torch.no_grad():
         diff = (_hf_logits(hf_model.eval(), tokens) - ours(tokens)).abs().max().item()
     print(f"{name}: ours -> HF max |dlogit| = {diff:.2e}")
