@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv3_ref import balance, exercises, fp8
-from dsv3_ref.exercises import EXERCISES, CheckResult, load_solutions
-from dsv3_ref.rope import apply_rotary_emb
+from dsv3_ref.fp8 import formats as fp8
+from dsv3_ref.nn.rope import apply_rotary_emb
+from dsv3_ref.objectives import balance
+from dsv3_ref.teaching import exercises
+from dsv3_ref.teaching.exercises import EXERCISES, CheckResult, load_solutions
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "notebooks" / "exercises" / "02_solutions.ipynb"

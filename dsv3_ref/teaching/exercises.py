@@ -36,12 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import balance, fp8
-from .attention import MLA, causal_mask
-from .config import ModelConfig
-from .moe import Gate
-from .mtp import MTPModule
-from .rope import apply_rotary_emb, precompute_freqs_cis
+from ..config import ModelConfig
+from ..fp8 import formats as fp8
+from ..nn.attention import MLA, causal_mask
+from ..nn.model import MTPModule
+from ..nn.moe import Gate
+from ..nn.rope import apply_rotary_emb, precompute_freqs_cis
+from ..objectives import balance
 
 SOLUTIONS_ENV = "DSV3_SOLUTIONS"
 SOLUTION_MARKER = "# SOLUTION"
