@@ -174,6 +174,17 @@ def test_mla_projections_without_query_compression_are_checked_too():
 
 
 # ---------------------------------------------------------------------------------------------- 3. absorption
+def _masked(scores, mask, mask_op):
+    """The mask applied right ("add") or in one of the classic wrong ways."""
+    if mask_op == "add":
+        return scores + mask[:, None, :]
+    if mask_op == "mul":
+        return scores * mask[:, None, :]
+    if mask_op == "no_unsqueeze":
+        return scores + mask
+    return scores
+
+
 def _absorbed(mla, x, freqs, mask, scale=None, use_mask=True, rope_term=True, softmax_dim=-1, wo=True,
               swap_uk_uv=False, wrong_view=False, expand=False, mask_op="add", scale_after=False, apply_w_uv=True,
               check_none=True):
@@ -199,12 +210,7 @@ def _absorbed(mla, x, freqs, mask, scale=None, use_mask=True, rope_term=True, so
     if not scale_after:
         scores = scores * s
     if (mask is not None or not check_none) and use_mask:
-        if mask_op == "add":
-            scores = scores + mask[:, None, :]
-        elif mask_op == "mul":
-            scores = scores * mask[:, None, :]
-        elif mask_op == "no_unsqueeze":
-            scores = scores + mask
+        scores = _masked(scores, mask, mask_op)
     p = scores.softmax(dim=softmax_dim)
     if mask is not None and use_mask and mask_op == "after":
         p = p + mask[:, None, :]
