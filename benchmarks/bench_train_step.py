@@ -15,6 +15,7 @@ one thread, on a machine shared with other jobs, it is steadier than the wall cl
 
     python benchmarks/bench_train_step.py [--preset small] [--batch 8] [--seq 128] [--threads 2] [--reps 7]
     python benchmarks/bench_train_step.py --profile    # also print dsv3_ref's hottest ops (torch.profiler)
+    python benchmarks/bench_train_step.py --ceiling    # also dsv3_ref with free routed experts: the upper bound
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from timing import race  # benchmarks/timing.py (the script's folder is on sys.p
 from transformers import DeepseekV3ForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from dsv3_ref import ModelConfig, Transformer
+from dsv3_ref import ModelConfig, MoE, Routing, Transformer
 from dsv3_ref.moe import EXPERT_IMPLS, set_expert_impl
 
 
@@ -44,6 +45,12 @@ def step_fn(model: torch.nn.Module, hf: bool, tokens: torch.Tensor, targets: tor
         model.zero_grad(set_to_none=True)
 
     return step
+
+
+def free_routed_experts(x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Stand-in for `MoE.routed` that costs next to nothing but keeps the gate in the graph: x (N, dim) scaled by
+    each token's summed weights (N, 1). Not a model: it bounds what running the experts faster could gain."""
+    return x * routing.weights.sum(dim=-1, keepdim=True)
 
 
 def hf_experts_implementations() -> list[str]:
@@ -61,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--screen", type=float, default=3.0,
                     help="race only the variants whose screening step is within this factor of the fastest")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also race dsv3_ref with its routed experts replaced by a free stand-in (an upper bound on "
+                         "what any expert dispatch can gain)")
     ap.add_argument("--profile", action="store_true", help="profile dsv3_ref's step and print the top ops")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -83,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
         model = copy.deepcopy(ours)
         set_expert_impl(model, impl)
         steps[f"dsv3_ref {impl}"] = step_fn(model, False, tokens, targets)
+    if args.ceiling:
+        model = copy.deepcopy(ours)
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            moe.routed = free_routed_experts
+        steps["dsv3_ref no routed"] = step_fn(model, False, tokens, targets)
     for impl in hf_experts_implementations():
         model = copy.deepcopy(theirs)
         try:
@@ -118,8 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     hf = {name: t for name, t in med.items() if name.startswith("transformers")}
     best = min(hf, key=hf.get)
     print(f"fastest transformers experts implementation: {best.split()[1]}")
-    for label, a, b in [("dsv3_ref grouped / transformers fastest", best, "dsv3_ref grouped"),
-                        ("dsv3_ref grouped / dsv3_ref loop", "dsv3_ref loop", "dsv3_ref grouped")]:
+    pairs = [("dsv3_ref grouped / transformers fastest", best, "dsv3_ref grouped"),
+             ("dsv3_ref grouped / dsv3_ref loop", "dsv3_ref loop", "dsv3_ref grouped")]
+    if "dsv3_ref no routed" in med:
+        pairs.append(("dsv3_ref no routed (upper bound) / transformers fastest", best, "dsv3_ref no routed"))
+    for label, a, b in pairs:
         print(f"ratio {label} (tokens/s): {med[a] / med[b]:.2f}  (process CPU time: {cpu[a] / cpu[b]:.2f})")
 
     if args.profile:
