@@ -319,3 +319,31 @@ def test_presets():
 def test_invalid_indexer_config_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         ModelConfig.from_preset("tiny", **bad)
+
+
+def test_checkpoint_keys_and_the_hubs_fp8_indexer_weights(tmp_path):
+    """The hub names of the indexer (`self_attn.indexer.*`, as in the official code) round-trip, and wq_b / wk stored
+    as E4M3 with a weight_scale_inv, as on the hub, load dequantized."""
+    from safetensors.torch import load_file, save_file
+
+    from dsv3_ref.checkpoint import WEIGHTS_NAME, hub_key, load_pretrained, save_pretrained
+    from dsv3_ref.fp8 import block_dequant, block_quant
+
+    model = _seeded(Transformer(_cfg(n_layers=2)), 3, std=0.1)
+    assert hub_key("layers.1.attn.indexer.k_norm.bias", 2) == "model.layers.1.self_attn.indexer.k_norm.bias"
+    save_pretrained(model, tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    tensors = load_file(path)
+    expected = {}
+    for key in [k for k in tensors if k.endswith(("indexer.wq_b.weight", "indexer.wk.weight"))]:
+        q, scale = block_quant(tensors[key])
+        tensors[key], tensors[key + "_scale_inv"] = q, scale
+        expected[key] = block_dequant(q, scale)
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert len(expected) == 4
+    loaded = load_pretrained(tmp_path)
+    sd = loaded.state_dict()
+    for key, want in expected.items():
+        name = key.removeprefix("model.").replace("self_attn", "attn")
+        assert torch.equal(sd[name], want), key
+    assert torch.equal(sd["layers.0.attn.indexer.k_norm.bias"], model.state_dict()["layers.0.attn.indexer.k_norm.bias"])
