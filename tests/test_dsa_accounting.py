@@ -5,9 +5,10 @@ and the attention error that the FP8 latent cache causes."""
 import pytest
 import torch
 
-from dsv3_ref import KVCache, ModelConfig, Transformer, fp8
-from dsv3_ref import accounting as acc
-from dsv3_ref.attention import causal_mask
+from dsv3_ref import KVCache, ModelConfig, Transformer
+from dsv3_ref.fp8 import formats as fp8
+from dsv3_ref.nn.attention import causal_mask
+from dsv3_ref.systems import accounting as acc
 
 V32 = ModelConfig.from_preset("671B-V3.2")
 V3 = ModelConfig.from_preset("671B")

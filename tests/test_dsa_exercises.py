@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3_ref import exercises, indexer, indexer_objective
-from dsv3_ref.exercises import CheckResult, load_solutions
-from dsv3_ref.rope import apply_rotary_emb
+from dsv3_ref.nn import indexer
+from dsv3_ref.nn.rope import apply_rotary_emb
+from dsv3_ref.objectives import indexer as indexer_objective
+from dsv3_ref.teaching import exercises
+from dsv3_ref.teaching.exercises import CheckResult, load_solutions
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "70_sparse_attention.ipynb"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.dsa_train import IndexerWarmup, SparseTraining, set_sparse
 from dsv3_ref.train import TrainConfig, Trainer
+from dsv3_ref.train.dsa import IndexerWarmup, SparseTraining, set_sparse
 
 CFG = ModelConfig.from_preset("tiny", index_n_heads=4, index_head_dim=16, index_topk=8, max_seq_len=64,
                               original_seq_len=64)

@@ -19,13 +19,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3ForCausalLM, DeepseekV32Config, DeepseekV32ForCausalLM  # noqa: E402
 
-from dsv3_ref import (  # noqa: E402
-    ModelConfig,
-    Transformer,
-    attention,  # noqa: E402
-)
-from dsv3_ref import indexer as dsa  # noqa: E402
-from dsv3_ref.rope import apply_rotary_emb  # noqa: E402
+from dsv3_ref import ModelConfig, Transformer, from_pretrained, save_pretrained  # noqa: E402
+from dsv3_ref.nn import attention  # noqa: E402
+from dsv3_ref.nn import indexer as dsa  # noqa: E402
+from dsv3_ref.nn.rope import apply_rotary_emb  # noqa: E402
 
 T = 16
 DSA = dict(index_n_heads=8, index_head_dim=16, index_topk=5)
@@ -77,7 +74,7 @@ def hf_pair(tmp_path_factory):
         _randomize(hf_model, seed=0)
         path = tmp_path_factory.mktemp(name)
         hf_model.save_pretrained(path)
-        out[name] = (cfg, hf_model, Transformer.from_pretrained(path).eval())
+        out[name] = (cfg, hf_model, from_pretrained(path).eval())
     return out
 
 
@@ -98,7 +95,7 @@ def test_our_checkpoint_loads_into_hf(name, tmp_path):
     cfg = ModelConfig.from_preset("tiny", **CONFIGS[name])
     ours = Transformer(cfg).eval()
     _randomize(ours, seed=1)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     hf_model, info = DeepseekV32ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                             dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
@@ -127,7 +124,7 @@ def test_topk_equal_to_the_length_is_dense_v3(hf_pair, tmp_path):
     cfg, hf_model, ours = hf_pair["dense"]
     v3 = Transformer(cfg.replace(index_n_heads=0, index_head_dim=0, index_topk=0)).eval()
     v3.load_state_dict({k: v for k, v in ours.state_dict().items() if ".indexer." not in k})
-    v3.save_pretrained(tmp_path)
+    save_pretrained(v3, tmp_path)
     hf_v3 = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.float32).eval()
     tokens = _tokens(cfg)
     want = _hf_logits(hf_model, tokens)
@@ -181,10 +178,10 @@ def test_hf_loses_the_mtp_layer(tmp_path):
     cfg = ModelConfig.from_preset("tiny", **DSA, n_mtp_layers=1)
     ours = Transformer(cfg).eval()
     _randomize(ours, seed=2)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     hf_model, info = DeepseekV32ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                             dtype=torch.float32, output_loading_info=True)
     assert not hasattr(hf_model.model, "mtp") and len(hf_model.model.layers) == cfg.n_layers
-    assert Transformer.from_pretrained(tmp_path).config.n_mtp_layers == 1
+    assert from_pretrained(tmp_path).config.n_mtp_layers == 1
     tokens = _tokens(cfg)
     assert (_hf_logits(hf_model.eval(), tokens) - _ours_logits(ours, tokens)).abs().max() < 1e-4

@@ -8,7 +8,7 @@ As in the official code, the correction (and the mscale in `ModelConfig.softmax_
 
 The rotation acts on *interleaved* pairs (x0, x1), (x2, x3), ... exactly like the official `apply_rotary_emb`;
 the hub weights are laid out for it. DeepSeek-V3.2-Exp's lightning indexer is the exception: its rotary part uses the
-half-split pairs (x_i, x_{i + d/2}) (`interleaved=False`, see `dsv3_ref.indexer`).
+half-split pairs (x_i, x_{i + d/2}) (`interleaved=False`, see `dsv3_ref.nn.indexer`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import torch
 from einops import rearrange
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def find_correction_dim(num_rotations: float, dim: int, base: float, max_seq_len: int) -> float:

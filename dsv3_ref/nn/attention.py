@@ -10,7 +10,7 @@ d_h = qk_nope_head_dim, d_r = qk_rope_head_dim, d_v = v_head_dim, d_c = kv_lora_
   d_c + d_r values per token per layer (576 at 671B), the "only c^KV and k^R need to be cached" of the report.
 Both compute the same function (a test checks it to 1e-5 in float32).
 
-With `cfg.has_indexer` (DeepSeek-V3.2-Exp) every layer also has a lightning indexer (`dsv3_ref.indexer`) that keeps
+With `cfg.has_indexer` (DeepSeek-V3.2-Exp) every layer also has a lightning indexer (`dsv3_ref.nn.indexer`) that keeps
 the `index_topk` best-scored positions per query: the naive path adds the top-k mask to its scores (the report's MHA
 mode, the official prefill), the absorb path gathers each query's k latent rows (the MQA mode DSA is built on). Both
 caches then also hold the indexer's key per token ("index_k" (B, L, index_head_dim)). `MLA.sparse = False` runs
@@ -20,9 +20,10 @@ dense attention with the indexer still scoring (the dense warm-up of the report'
 from __future__ import annotations
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
-from .config import ATTN_IMPLS, ModelConfig
+from ..config import ATTN_IMPLS, ModelConfig
 from .indexer import Indexer, IndexerRecord, sparse_latent_attention, sparse_mask, topk_indices
 from .layers import RMSNorm
 from .rope import apply_rotary_emb
@@ -100,12 +101,11 @@ class MLA(nn.Module):
                 qr: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Eqs. 6-9: q_nope (B, S, H, d_h) and the rotated q_pe (B, S, H, d_r). qr: the query latent c^Q
         (B, S, d_c'), if already computed (`query_latent`)."""
-        B, S, _ = x.shape
         if self.q_lora_rank == 0:
             q = self.wq(x)
         else:
             q = self.wq_b(self.query_latent(x) if qr is None else qr)
-        q = q.view(B, S, self.n_heads, self.qk_head_dim)
+        q = rearrange(q, "b s (h d) -> b s h d", h=self.n_heads)  # (B, S, H, d_h + d_r)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rotary_emb(q_pe, freqs_cis)
 
@@ -128,16 +128,17 @@ class MLA(nn.Module):
         qr = None if self.q_lora_rank == 0 else self.query_latent(x)  # (B, S, d_c')
         q_nope, q_pe = self.queries(x, freqs_cis, qr)  # (B, S, H, d_h), (B, S, H, d_r)
         c_kv, k_pe = self.latent(x, freqs_cis)  # (B, S, d_c), (B, S, d_r)
-        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # (H, d_h + d_v, d_c)
+        wkv_b = rearrange(self.wkv_b.weight, "(h d) c -> h d c", h=self.n_heads)  # (H, d_h + d_v, d_c)
         selected = None
         if self.indexer is not None:  # its input is detached: it learns only from its own loss (report §2.1)
             index = self.indexer(x.detach(), qr.detach(), freqs_cis, mask, cache, start_pos)  # (B, S, T)
             if self.sparse:
                 selected = topk_indices(index, self.indexer.index_topk)  # (B, S, k)
         if attn_impl == "naive":
-            kv = self.wkv_b(c_kv).view(B, S, self.n_heads, -1)  # (B, S, H, d_h + d_v)
+            kv = rearrange(self.wkv_b(c_kv), "b s (h d) -> b s h d", h=self.n_heads)  # (B, S, H, d_h + d_v)
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)  # (B, S, H, d_h+d_r)
+            k_pe_heads = repeat(k_pe, "b s r -> b s h r", h=self.n_heads)  # one shared key, a view per head
+            k = torch.cat([k_nope, k_pe_heads], dim=-1)  # (B, S, H, d_h + d_r)
             if cache is not None:
                 cache["k"][:B, start_pos:end] = k
                 cache["v"][:B, start_pos:end] = v
@@ -157,7 +158,7 @@ class MLA(nn.Module):
                 o, probs = sparse_latent_attention(q_lat, q_pe, c_kv, k_pe, selected, self.softmax_scale, valid)
                 self._record(index, probs.sum(2).detach(), selected, valid, end)
                 o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim:])  # (B, S, H, d_v)
-                return self.wo(o.flatten(2))
+                return self.wo(rearrange(o, "b s h d -> b s (h d)"))  # merge the heads
             scores = (torch.einsum("bshc,btc->bsht", q_lat, c_kv)
                       + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale  # (B, S, H, T)
         else:
@@ -173,7 +174,7 @@ class MLA(nn.Module):
         else:
             o = torch.einsum("bsht,btc->bshc", scores, c_kv)  # (B, S, H, d_c)
             o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim:])  # (B, S, H, d_v)
-        return self.wo(o.flatten(2))
+        return self.wo(rearrange(o, "b s h d -> b s (h d)"))  # merge the heads: (B, S, H * d_v) -> (B, S, dim)
 
     def _record(self, index: torch.Tensor, attn: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor | None,
                 T: int) -> None:

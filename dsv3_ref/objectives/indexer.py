@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import MLA
-from .indexer import IndexerRecord
+from ..nn.attention import MLA
+from ..nn.indexer import IndexerRecord
 
 
 def indexer_kl_loss(record: IndexerRecord) -> torch.Tensor:

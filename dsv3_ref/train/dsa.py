@@ -5,7 +5,7 @@
    The report: 1,000 steps at learning rate 1e-3 (2.1B tokens).
 2. `SparseTraining`, the sparse stage: top-k selection on (`MLA.sparse = True`), every parameter trained; the
    language-modelling loss trains the main model and the KL over the selected tokens (eq. 4) trains the indexers. The
-   two never mix: the indexer's input and its target are detached (`dsv3_ref.indexer_objective`). The report: 15,000
+   two never mix: the indexer's input and its target are detached (`dsv3_ref.objectives.indexer`). The report: 15,000
    steps at 7.3e-6 with 2,048 tokens kept per query (943.7B tokens).
 
 Run them with two `Trainer`s, one after the other, on the same model (each with its own learning rate). The warm-up
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import MLA
-from .indexer_objective import indexer_loss, indexer_records, selection_recall
-from .train import Trainer, TrainHook
+from ..nn.attention import MLA
+from ..objectives.indexer import indexer_loss, indexer_records, selection_recall
+from .trainer import Trainer, TrainHook
 
 
 def set_sparse(model: nn.Module, sparse: bool) -> int:

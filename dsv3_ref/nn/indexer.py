@@ -23,7 +23,7 @@ the `index_topk` tokens of highest I(t, s) (eq. 2). Names and scales follow the 
 What the reference computes in float32 and what it leaves out: the official kernel rotates q and k by a Hadamard
 matrix and quantises both to FP8 (1 x 128 tiles) before the dot product. The Hadamard rotation is orthogonal
 (H q . H k = q . k), so in exact arithmetic it changes nothing; the FP8 rounding only perturbs the scores. This module
-is the exact-arithmetic indexer (the FP8 key cache is accounted for in `dsv3_ref.accounting`).
+is the exact-arithmetic indexer (the FP8 key cache is accounted for in `dsv3_ref.systems.accounting`).
 
 The selection keeps, for every query, the `index_topk` positions of highest score among those the causal mask lets
 it see (`topk_indices`), turned into an additive mask over MLA's scores (`sparse_mask`). When a query sees fewer
@@ -44,13 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .rope import apply_rotary_emb
 
 
 @dataclass
 class IndexerRecord:
-    """What one layer's last forward leaves for the indexer's training objective (`dsv3_ref.indexer_objective`).
+    """What one layer's last forward leaves for the indexer's training objective (`dsv3_ref.objectives.indexer`).
     All (B, S, T) over the T positions attended to.
 
     scores: the index scores I(t, s), -inf where the causal mask hides s (graph to the indexer's weights only: its
