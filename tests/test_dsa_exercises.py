@@ -1,6 +1,7 @@
 """The sparse-attention exercise checkers (notebook 70): the package's own functions and from-scratch solutions pass,
 and each classic mistake, written the way a student would write it, gets its diagnosis."""
 
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from dsv3_ref.nn import indexer
 from dsv3_ref.nn.rope import apply_rotary_emb
 from dsv3_ref.objectives import indexer as indexer_objective
 from dsv3_ref.teaching import exercises
-from dsv3_ref.teaching.exercises import CheckResult, load_solutions
+from dsv3_ref.teaching.exercises import CheckResult
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "70_sparse_attention.ipynb"
 
@@ -141,8 +142,18 @@ def test_kl_mistakes(mistake, fragment):
 
 
 # ---------------------------------------------------------------------------------------------- the notebook
+def _tagged_solutions(path: Path) -> dict:
+    """The functions defined by the notebook's code cells tagged `solution`, run in order in one namespace."""
+    namespace: dict = {"__name__": "dsv3_solutions"}
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    sources = ["".join(c["source"]) for c in cells if "solution" in c.get("metadata", {}).get("tags", [])]
+    for source in sources:
+        exec(compile(source, f"{path.name}:solution", "exec"), namespace)  # noqa: S102 - the repository's notebook
+    return {k: v for k, v in namespace.items() if callable(v) and getattr(v, "__module__", "") == "dsv3_solutions"}
+
+
 def test_the_chapter_notebook_solves_its_exercises():
-    solutions = load_solutions(NOTEBOOK)
+    solutions = _tagged_solutions(NOTEBOOK)
     for name in ("dsa_score", "dsa_topk", "dsa_kl"):
         exercise = exercises.EXERCISES[name]
         assert exercise.notebook == NOTEBOOK.stem
