@@ -79,6 +79,11 @@ class ModelConfig:
     attn_impl: str = "naive"
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # DeepSeek Sparse Attention (V3.2-Exp): the lightning indexer's heads H^I, head width d^I and the tokens kept per
+    # query (k); index_n_heads = 0 (the default) is DeepSeek-V3's dense attention
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +93,11 @@ class ModelConfig:
     def qk_head_dim(self) -> int:
         """Per-head query/key width: d_h + d_h^R (192 at 671B)."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_indexer(self) -> bool:
+        """True for DeepSeek-V3.2-Exp-style sparse attention: every MLA layer has a lightning indexer."""
+        return self.index_n_heads > 0
 
     @property
     def n_moe_layers(self) -> int:
@@ -165,6 +175,17 @@ class ModelConfig:
         need(self.n_activated_experts <= self.n_limited_groups * per_group,
              f"n_activated_experts ({self.n_activated_experts}) must be <= n_limited_groups * experts per group "
              f"({self.n_limited_groups} * {per_group} = {self.n_limited_groups * per_group})")
+        for name in ["index_n_heads", "index_head_dim", "index_topk"]:
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"{name} must be a non-negative integer (index_n_heads 0 = no indexer), got {value!r}")
+        if self.index_n_heads:
+            need(self.index_head_dim >= self.qk_rope_head_dim and self.index_head_dim % 2 == 0,
+                 f"index_head_dim must be even and >= qk_rope_head_dim ({self.qk_rope_head_dim}, the indexer head's "
+                 f"rotary part), got {self.index_head_dim}")
+            need(self.index_topk >= 1, f"index_topk must be >= 1 with an indexer, got {self.index_topk}")
+            need(self.q_lora_rank > 0, "the indexer reads the query latent: index_n_heads > 0 needs q_lora_rank > 0, "
+                                       f"got q_lora_rank={self.q_lora_rank}")
         if self.n_expert_groups > 1 and self.score_func == "sigmoid":
             need(per_group >= 2, "with sigmoid scores and n_expert_groups > 1 each group needs at least 2 experts "
                                  f"(the group score is the sum of its top-2), got {per_group} per group")
@@ -172,7 +193,8 @@ class ModelConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A named preset: 'tiny', 'small', '16B', '236B' or '671B' (case-insensitive), with optional overrides."""
+        """A named preset: 'tiny', 'small', '16B', '236B', '671B', '671B-V3.2' or 'small-V3.2' (case-insensitive),
+        with optional overrides."""
         key = {k.lower(): k for k in PRESETS}.get(str(name).lower())
         if key is None:
             raise ValueError(f"unknown preset {name!r}; allowed presets are {list(PRESETS)}")
@@ -217,6 +239,9 @@ class ModelConfig:
             hf["rope_scaling"] = None
         hf.update({"hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
                    "rope_interleave": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None})
+        if self.has_indexer:  # DeepSeek-V3.2-Exp's hub config.json
+            hf.update({"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
+                       **{name: getattr(self, name) for name in INDEXER_FIELDS}})
         return hf
 
 
@@ -244,6 +269,8 @@ HF_FIELDS: dict[str, str] = {
     "norm_eps": "rms_norm_eps",
     "init_std": "initializer_range",
 }
+# DeepSeek-V3.2-Exp's indexer fields: the same names in the official ModelArgs and the hub config.json
+INDEXER_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
 _HF_REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"]
 
@@ -269,8 +296,9 @@ def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
                               ("topk_group", "n_limited_groups", 1), ("first_k_dense_replace", "n_dense_layers", 0)):
         if hf.get(theirs) is None:
             kw[ours] = off
-    kw["score_func"] = hf.get("scoring_func", "sigmoid" if hf.get("model_type", "deepseek_v3") == "deepseek_v3"
-                              else "softmax")
+    kw.update({name: hf[name] for name in INDEXER_FIELDS if hf.get(name) is not None})
+    v3_family = hf.get("model_type", "deepseek_v3") in ("deepseek_v3", "deepseek_v32")
+    kw["score_func"] = hf.get("scoring_func", "sigmoid" if v3_family else "softmax")
     norm_topk = hf.get("norm_topk_prob")
     if norm_topk is not None and bool(norm_topk) != (kw["score_func"] == "sigmoid"):
         warnings.warn(f"from_hf: norm_topk_prob={norm_topk} with scoring_func={kw['score_func']!r}: "
@@ -337,4 +365,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  original_seq_len=4096, rope_theta=10000.0, rope_factor=40.0, beta_fast=32, beta_slow=1, mscale=1.0,
                  n_mtp_layers=1, init_std=0.006),
 }
+# DeepSeek-V3.2-Exp (inference/config_671B_v3.2.json): V3 plus a lightning indexer of 64 heads x 128 keeping 2,048
+PRESETS["671B-V3.2"] = {**PRESETS["671B"], **dict(index_n_heads=64, index_head_dim=128, index_topk=2048)}
+# the notebook's sparse-attention model: small plus an indexer of 4 heads x 32 keeping 64 of up to 512 tokens
+PRESETS["small-V3.2"] = {**PRESETS["small"], **dict(index_n_heads=4, index_head_dim=32, index_topk=64)}
 PRESETS["tiny"] = dataclasses.asdict(ModelConfig())

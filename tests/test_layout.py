@@ -23,6 +23,7 @@ LAYERS: list[list[str]] = [
     ["config", "data", "fp8", "fp8.formats", "nn"],
     ["fp8.gemm"],
     ["nn.layers", "nn.rope"],
+    ["nn.indexer"],
     ["nn.attention", "nn.moe"],
     ["nn.model"],
     ["objectives.*", "fp8.linear", "io.*", "systems.*"],

@@ -6,6 +6,7 @@ module names, which this package uses; the crosswalk is the official `convert.py
 
     embed.weight                          <-> model.embed_tokens.weight
     layers.{i}.<block key>                <-> model.layers.{i}.<BLOCK_KEYS[block key]>
+    layers.{i}.attn.indexer.wk.weight     <-> model.layers.{i}.self_attn.indexer.wk.weight        (V3.2, INDEXER_KEYS)
     layers.{i}.ffn.experts.{e}.w1.weight  <-> model.layers.{i}.mlp.experts.{e}.gate_proj.weight   (w2 down, w3 up)
     norm.weight / head.weight             <-> model.norm.weight / lm_head.weight
     mtp.{k}.<MTP_KEYS key>                <-> model.layers.{n_layers + k}.<MTP_KEYS value>
@@ -71,11 +72,14 @@ ATTN_KEYS: dict[str, str] = {
     "wkv_b": "kv_b_proj",
     "wo": "o_proj",
 }
+# DeepSeek-V3.2-Exp's lightning indexer (`attn.indexer.`): the hub keeps the official names (wq_b and wk are FP8 there)
+INDEXER_KEYS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
 # inside one block: `layers.{i}.` + key <-> `model.layers.{i}.` + value (routed experts: EXPERT_RE below)
 BLOCK_KEYS: dict[str, str] = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     **{f"attn.{ours}.weight": f"self_attn.{hub}.weight" for ours, hub in ATTN_KEYS.items()},
+    **{f"attn.indexer.{key}": f"self_attn.indexer.{key}" for key in INDEXER_KEYS},
     **{f"ffn.{ours}.weight": f"mlp.{hub}.weight" for ours, hub in SWIGLU_KEYS.items()},  # dense layers
     "ffn.gate.weight": "mlp.gate.weight",
     "ffn.gate.bias": "mlp.gate.e_score_correction_bias",

@@ -80,11 +80,14 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Normal(0, init_std) for every matrix and embedding, ones for norms, zero correction biases."""
+        """Normal(0, init_std) for every matrix and embedding, ones for norm weights, zeros for norm biases (the V3.2
+        indexer's LayerNorm) and correction biases."""
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("norm.bias"):
+                p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * self.config.init_std)
         for name, b in self.named_buffers():

@@ -7,7 +7,8 @@ As in the official code, the correction (and the mscale in `ModelConfig.softmax_
 `max_seq_len > original_seq_len`.
 
 The rotation acts on *interleaved* pairs (x0, x1), (x2, x3), ... exactly like the official `apply_rotary_emb`;
-the hub weights are laid out for it.
+the hub weights are laid out for it. DeepSeek-V3.2-Exp's lightning indexer is the exception: its rotary part uses the
+half-split pairs (x_i, x_{i + d/2}) (`interleaved=False`, see `dsv3_ref.nn.indexer`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 
 from ..config import ModelConfig
 
@@ -57,14 +59,19 @@ def precompute_freqs_cis(cfg: ModelConfig, seq_len: int | None = None) -> torch.
     return torch.polar(torch.ones(seq_len, cfg.qk_rope_head_dim // 2), torch.outer(t, rope_frequencies(cfg)))
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dimension.
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate pairs of the last dimension: interleaved pairs (x_0, x_1), (x_2, x_3), ... (MLA), or with
+    interleaved=False the half-split pairs (x_i, x_{i + d/2}) (GPT-NeoX's `rotate_half`; V3.2's lightning indexer).
 
     x: (B, T, H, rope_dim) or (B, T, rope_dim); freqs_cis: (T, rope_dim / 2) complex. Returns x's shape and dtype.
     """
     dtype = x.dtype
+    if not interleaved:  # the same rotation on the pairs (x_i, x_{i + d/2}): regroup them as neighbours
+        x = rearrange(x, "... (two half) -> ... (half two)", two=2)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (..., rope_dim/2)
     shape = [1] * xc.ndim
     shape[1], shape[-1] = xc.shape[1], xc.shape[-1]
     y = torch.view_as_real(xc * freqs_cis.view(shape)).flatten(-2)
+    if not interleaved:
+        y = rearrange(y, "... (half two) -> ... (two half)", two=2)
     return y.to(dtype)

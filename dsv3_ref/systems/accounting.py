@@ -48,7 +48,8 @@ def mla_params(cfg: ModelConfig) -> dict[str, int]:
 
     With query compression (q_lora_rank = d_c' > 0): wq_a (d_c' x dim), q_norm (d_c'), wq_b (H*(d_h+d_r) x d_c');
     without (V2-Lite): wq (H*(d_h+d_r) x dim). Always: wkv_a ((d_c+d_r) x dim), kv_norm (d_c),
-    wkv_b (H*(d_h+d_v) x d_c), wo (dim x H*d_v). 187,107,328 at 671B.
+    wkv_b (H*(d_h+d_v) x d_c), wo (dim x H*d_v); with an indexer (V3.2) its total under "indexer". 187,107,328 at
+    671B, 201,066,752 at 671B-V3.2.
     """
     H, d = cfg.n_heads, cfg.dim
     q_out = H * cfg.qk_head_dim
@@ -62,6 +63,8 @@ def mla_params(cfg: ModelConfig) -> dict[str, int]:
         "wkv_b": cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
         "wo": H * cfg.v_head_dim * d,
     })
+    if cfg.has_indexer:  # V3.2: the lightning indexer lives in the attention layer (`self_attn.indexer` on the hub)
+        parts["indexer"] = indexer_params(cfg)["total"]
     parts["total"] = sum(parts.values())
     return parts
 
@@ -270,7 +273,8 @@ def kv_cache_bytes(cfg: ModelConfig, scheme: str = "mla", dtype_bytes: float = 2
 # ---------------------------------------------------------------------------------------------- FLOPs
 def matmul_params_per_token(cfg: ModelConfig) -> int:
     """Weights a token multiplies by in the main model's forward pass: every MLA linear (wq_a, wq_b or wq, wkv_a,
-    wkv_b, wo), dense MLPs, the top-k routed and the shared experts, the gate weight, and the head.
+    wkv_b, wo, and the V3.2 indexer's wq_b, wk, weights_proj), dense MLPs, the top-k routed and the shared experts,
+    the gate weight, and the head.
 
     Not counted: the embedding (a lookup), RMSNorm weights (elementwise) and the gate bias (an addition).
     The absorb path multiplies by the same weights: folding W_UK into the query and W_UV into the output costs
@@ -278,7 +282,7 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
     """
     mla = mla_params(cfg)
     p = layer_params(cfg)
-    attn = mla["total"] - mla.get("q_norm", 0) - mla["kv_norm"]
+    attn = mla["total"] - mla.get("q_norm", 0) - mla["kv_norm"] - indexer_params(cfg)["k_norm"]
     moe = cfg.n_activated_experts * p["expert"] + p["shared_experts"] + p["gate_weight"]
     return cfg.n_layers * attn + cfg.n_dense_layers * p["dense_mlp"] + cfg.n_moe_layers * moe + cfg.dim * cfg.vocab_size
 
@@ -304,8 +308,8 @@ def attention_flops(cfg: ModelConfig, ctx: int, attn_impl: str = "naive") -> int
 
 def forward_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "naive") -> int:
     """Forward FLOPs of one token attending to `ctx` positions (main model):
-    2 * matmul_params_per_token + n_layers * attention_flops(ctx)."""
-    return 2 * matmul_params_per_token(cfg) + cfg.n_layers * attention_flops(cfg, ctx, attn_impl)
+    2 * matmul_params_per_token + n_layers * attention_flops(ctx) (V3.2: `dsa_attention_flops`)."""
+    return 2 * matmul_params_per_token(cfg) + cfg.n_layers * layer_attention_flops(cfg, ctx, attn_impl)
 
 
 def mtp_forward_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "naive") -> int:
@@ -313,12 +317,12 @@ def mtp_forward_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "na
     matmul weights + the shared head) + the block's attention over `ctx` positions."""
     p = layer_params(cfg)
     mla = mla_params(cfg)
-    attn = mla["total"] - mla.get("q_norm", 0) - mla["kv_norm"]
+    attn = mla["total"] - mla.get("q_norm", 0) - mla["kv_norm"] - indexer_params(cfg)["k_norm"]
     if cfg.is_moe_layer(cfg.n_layers):
         ffn = cfg.n_activated_experts * p["expert"] + p["shared_experts"] + p["gate_weight"]
     else:
         ffn = p["dense_mlp"]
-    per_module = 2 * (p["eh_proj"] + attn + ffn + cfg.dim * cfg.vocab_size) + attention_flops(cfg, ctx, attn_impl)
+    per_module = 2 * (p["eh_proj"] + attn + ffn + cfg.dim * cfg.vocab_size) + layer_attention_flops(cfg, ctx, attn_impl)
     return cfg.n_mtp_layers * per_module
 
 
@@ -335,12 +339,16 @@ def training_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "naive
 def fp8_linear_shapes(cfg: ModelConfig, moe: bool) -> list[tuple[int, int]]:
     """(out, in) of every linear of one block that the report computes in FP8 and the hub stores as E4M3 with a
     weight_scale_inv (`dsv3_ref.fp8.linear.convert_to_fp8` swaps the same ones): the MLA projections, then the dense
-    MLP's w1, w2, w3, or (moe=True) every routed expert's and the shared experts' w1, w2, w3."""
+    MLP's w1, w2, w3, or (moe=True) every routed expert's and the shared experts' w1, w2, w3. With an indexer (V3.2)
+    also its wq_b and wk, which the official code stores in FP8 (weights_proj in BF16); `convert_to_fp8` keeps the
+    indexer in high precision (the report does not describe the indexer's training precision)."""
     H, d = cfg.n_heads, cfg.dim
     q_out = H * cfg.qk_head_dim
     attn = [(cfg.q_lora_rank, d), (q_out, cfg.q_lora_rank)] if cfg.q_lora_rank else [(q_out, d)]
     attn += [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d), (H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
              cfg.kv_lora_rank), (d, H * cfg.v_head_dim)]
+    if cfg.has_indexer:  # V3.2: the indexer's wq_b and wk (weights_proj stays BF16)
+        attn += [(cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank), (cfg.index_head_dim, d)]
 
     def swiglu(width: int) -> list[tuple[int, int]]:
         return [(width, d), (d, width), (width, d)]
@@ -389,6 +397,148 @@ def fp8_linear_inputs(cfg: ModelConfig) -> dict[str, int]:
     return {"attention": attn, "dense_mlp": dense, "moe": moe, "total": total}
 
 
+# ---------------------------------------------------------------------------------------------- DSA (V3.2-Exp)
+CACHE_FORMATS = ("bf16", "fp8")
+PHASES = ("prefill", "decode")
+
+
+def indexer_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of one layer's lightning indexer (official names) and their "total"; all 0 without an indexer.
+
+    wq_b (H^I*d^I x d_c'), wk (d^I x dim), k_norm (a LayerNorm: weight and bias, 2*d^I), weights_proj (H^I x dim).
+    13,959,424 per layer at 671B-V3.2 (7.5% of its MLA layer)."""
+    if not cfg.has_indexer:
+        return dict.fromkeys(("wq_b", "wk", "k_norm", "weights_proj", "total"), 0)
+    H, d_i = cfg.index_n_heads, cfg.index_head_dim
+    parts = {"wq_b": cfg.q_lora_rank * H * d_i, "wk": cfg.dim * d_i, "k_norm": 2 * d_i, "weights_proj": cfg.dim * H}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in CACHE_FORMATS:
+        raise ValueError(f"cache format must be one of {CACHE_FORMATS}, got {fmt!r}")
+
+
+def latent_cache_bytes(cfg: ModelConfig, fmt: str = "bf16") -> int:
+    """Bytes of MLA's latent cache [c^KV; k^R] per token per layer.
+
+    bf16: 2*(d_c + d_r) = 1,152 at 671B. fp8: the serving layout of DeepSeek's FlashMLA ("FP8 with scale"): d_c E4M3
+    values, one fp32 scale per 128 of them (1 x 128 tiles), the d_r RoPE values kept in bf16: 512 + 16 + 128 = 656."""
+    _check_format(fmt)
+    if fmt == "bf16":
+        return 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return cfg.kv_lora_rank + 4 * -(-cfg.kv_lora_rank // BLOCK) + 2 * cfg.qk_rope_head_dim
+
+
+def index_key_bytes(cfg: ModelConfig, fmt: str = "bf16") -> int:
+    """Bytes of the indexer's key cache per token per layer (0 without an indexer): bf16 2*d^I = 256 at 671B-V3.2;
+    fp8 the official `k_cache` (d^I E4M3) + `k_scale_cache` (one fp32 per 128) = 132."""
+    _check_format(fmt)
+    if not cfg.has_indexer:
+        return 0
+    return 2 * cfg.index_head_dim if fmt == "bf16" else cfg.index_head_dim + 4 * -(-cfg.index_head_dim // BLOCK)
+
+
+def cache_bytes_per_token(cfg: ModelConfig, fmt: str = "bf16") -> int:
+    """The absorb path's whole cache per token over the n_layers main layers: latent + indexer key.
+    671B: 70,272 (bf16), 40,016 (fp8); 671B-V3.2: 85,888 (bf16), 48,068 (fp8)."""
+    return cfg.n_layers * (latent_cache_bytes(cfg, fmt) + index_key_bytes(cfg, fmt))
+
+
+def indexer_flops(cfg: ModelConfig, ctx: int) -> int:
+    """FLOPs of one query token's index scores over `ctx` positions in ONE layer: 2*H^I*d^I*ctx (q . k per head) +
+    2*H^I*ctx (weighting and summing the heads); ReLU and the top-k are not counted. 16,512 * ctx at 671B-V3.2."""
+    if not cfg.has_indexer:
+        raise ValueError("indexer_flops: the config has no indexer (index_n_heads = 0)")
+    return 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * ctx
+
+
+def layer_attention_flops(cfg: ModelConfig, ctx: int, attn_impl: str = "naive") -> int:
+    """One query token attending in ONE layer: `attention_flops(ctx)` for dense MLA; with an indexer (V3.2)
+    `indexer_flops(ctx)` + `attention_flops(min(ctx, index_topk))`: the core attention sees only the selection."""
+    if not cfg.has_indexer:
+        return attention_flops(cfg, ctx, attn_impl)
+    return indexer_flops(cfg, ctx) + attention_flops(cfg, min(ctx, cfg.index_topk), attn_impl)
+
+
+def attention_cost(cfg: ModelConfig, ctx: int, phase: str = "decode", fmt: str = "bf16") -> dict[str, int]:
+    """The attention cost of one token at position `ctx` (it sees ctx positions) in ONE layer, as served.
+
+    "flops": the context-dependent arithmetic (scores and weighted values; `layer_attention_flops`) plus, with an
+        indexer, its projections (2 * (wq_b + wk + weights_proj) per token), which V3 does not pay. Dense V3 runs
+        prefill in MLA's MHA mode ("naive") and decoding in its MQA mode ("absorb", report Appendix A); V3.2 runs DSA
+        in the MQA mode for both (report §1).
+    "bytes": the cache the token's attention reads: ctx latent rows for V3; ctx indexer keys + min(ctx, index_topk)
+        latent rows for V3.2 (`fmt` "bf16" or "fp8", see `latent_cache_bytes`). Decoding is bound by these bytes;
+        a prefill kernel shares each row it loads between many queries, so prefill is bound by the FLOPs.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"attention_cost: phase must be one of {PHASES}, got {phase!r}")
+    if not (isinstance(ctx, int) and ctx >= 1):
+        raise ValueError(f"attention_cost: ctx must be a positive integer, got {ctx!r}")
+    latent = latent_cache_bytes(cfg, fmt)
+    if not cfg.has_indexer:
+        return {"flops": attention_flops(cfg, ctx, "naive" if phase == "prefill" else "absorb"), "bytes": ctx * latent}
+    p = indexer_params(cfg)
+    kept = min(ctx, cfg.index_topk)
+    return {"flops": layer_attention_flops(cfg, ctx, "absorb") + 2 * (p["total"] - p["k_norm"]),
+            "bytes": ctx * index_key_bytes(cfg, fmt) + kept * latent}
+
+
+def dense_config(cfg: ModelConfig) -> ModelConfig:
+    """The same model without an indexer: DeepSeek-V3's dense MLA (V3.2-Exp minus DSA)."""
+    return cfg.replace(index_n_heads=0, index_head_dim=0, index_topk=0)
+
+
+def dsa_crossover(cfg: ModelConfig, phase: str = "decode", metric: str = "flops", fmt: str = "bf16") -> int:
+    """The first context length from which V3.2's attention (`cfg`, with an indexer) costs less than dense V3's
+    (`dense_config(cfg)`) for `metric` "flops" or "bytes" (`attention_cost`). At 671B-V3.2, bf16: prefill FLOPs
+    9,148 (hence the report's masked MHA mode for short prefills, §3), decode FLOPs 2,284, decode bytes 2,634."""
+    if not cfg.has_indexer:
+        raise ValueError("dsa_crossover: the config has no indexer (index_n_heads = 0)")
+    if metric not in ("flops", "bytes"):
+        raise ValueError(f"dsa_crossover: metric must be 'flops' or 'bytes', got {metric!r}")
+    dense = dense_config(cfg)
+
+    def cheaper(ctx: int) -> bool:
+        return attention_cost(cfg, ctx, phase, fmt)[metric] < attention_cost(dense, ctx, phase, fmt)[metric]
+
+    lo, hi = 1, 1
+    while not cheaper(hi):  # past index_topk the sparse cost grows more slowly, so this ends
+        lo, hi = hi, 2 * hi
+    while lo < hi:  # first ctx in (lo, hi] that is cheaper
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if not cheaper(mid) else (lo, mid)
+    return hi
+
+
+def dsa_report(cfg: ModelConfig, contexts: tuple[int, ...] = (4096, 32768, 131072)) -> str:
+    """V3 (dense MLA) vs V3.2 (indexer + top-k) attention per token, all n_layers layers, at `contexts`: FLOPs
+    (prefill, decode), decode bytes (bf16 and FP8 caches), and the crossover context lengths."""
+    dense = dense_config(cfg)
+    L = cfg.n_layers
+    lines = [f"DSA (index_n_heads {cfg.index_n_heads}, index_head_dim {cfg.index_head_dim}, index_topk "
+             f"{cfg.index_topk:,}) vs dense MLA, attention of one token at context ctx, {L} layers",
+             f"  {'':<30}" + "".join(f"{f'ctx {c:,}':>26}" for c in contexts)]
+
+    def row(label: str, phase: str, metric: str, fmt: str = "bf16") -> None:
+        cells = []
+        for c in contexts:
+            v3, v32 = attention_cost(dense, c, phase, fmt)[metric] * L, attention_cost(cfg, c, phase, fmt)[metric] * L
+            cells.append(f"{v3 / 1e9:>8.2f} / {v32 / 1e9:>6.2f} ({v3 / v32:4.1f}x)")
+        lines.append(f"  {label:<30}" + "".join(f"{cell:>26}" for cell in cells))
+
+    lines.append("  (V3 / V3.2, in GFLOP or GB, and V3's multiple of V3.2)")
+    row("prefill GFLOP", "prefill", "flops")
+    row("decode GFLOP", "decode", "flops")
+    row("decode cache read GB, bf16", "decode", "bytes")
+    row("decode cache read GB, fp8", "decode", "bytes", "fp8")
+    lines.append(f"  V3.2 is cheaper from ctx = prefill FLOPs {dsa_crossover(cfg, 'prefill'):,}, decode FLOPs "
+                 f"{dsa_crossover(cfg, 'decode'):,}, decode bytes {dsa_crossover(cfg, 'decode', 'bytes'):,} (bf16)")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- report and CLI
 _LABELS = {
     "embed": "embedding", "attention": "attention (MLA)", "block_norms": "block norms (attn_norm + ffn_norm)",
@@ -433,6 +583,8 @@ def report(cfg: ModelConfig, name: str | None = None, ctx: int | None = None, me
     _report_parameters(t, cfg, meta_counts is not None)
     _report_kv_cache(t, cfg)
     _report_flops(t, cfg, cfg.original_seq_len if ctx is None else ctx)
+    if cfg.has_indexer:
+        t.lines += ["", dsa_report(cfg)]
     return "\n".join(t.lines)
 
 
@@ -481,6 +633,11 @@ def _report_kv_cache(t: _Table, cfg: ModelConfig) -> None:
         t.row(label, b, f"  {b / mla_bytes:7.1f}x")
     groups = kv_cache_elements(cfg, "mla") / kv_cache_elements(cfg, "mqa")
     t.lines.append(f"  (MLA caches as much as GQA with {groups:.2f} K/V heads)")
+    fp8_latent = cfg.n_layers * latent_cache_bytes(cfg, "fp8")
+    t.row("MLA latent, FP8 serving layout (E4M3 + scales, bf16 RoPE)", fp8_latent, f"  {fp8_latent / mla_bytes:7.1f}x")
+    if cfg.has_indexer:
+        for fmt in CACHE_FORMATS:
+            t.row(f"+ indexer keys (d^I {cfg.index_head_dim}), {fmt}", cfg.n_layers * index_key_bytes(cfg, fmt))
     for scheme in ("mla", "mha"):
         t.row(f"{scheme.upper()}, one sequence of max_seq_len {cfg.max_seq_len:,}",
               kv_cache_bytes(cfg, scheme, seq_len=cfg.max_seq_len))

@@ -21,6 +21,9 @@ and where it is.
 | bias_update   | update_bias(bias, load, gamma) -> new bias           | balance.update_bias (sign rule)            |
 | mtp_combine   | mtp_combine(mtp, h_prev, emb) -> h'                  | MTPModule.forward (the block's input)      |
 | fp8_tile      | quantize_1x128(x) -> (q, scale)                      | fp8.quantize(x, "1x128")                   |
+| dsa_score     | indexer_scores(indexer, x, qr, freqs_cis, mask) -> I | nn.indexer.Indexer.forward                 |
+| dsa_topk      | topk_mask(scores, topk, mask) -> additive mask       | indexer.topk_indices + indexer.sparse_mask |
+| dsa_kl        | indexer_kl(scores, attn, selected) -> loss           | objectives.indexer.indexer_kl_loss         |
 
 `load_solutions(path)` runs the cells of a solutions notebook that start with `# SOLUTION` and returns the
 functions they define: the student notebook plugs them in when the environment variable `DSV3_SOLUTIONS=1` is set
@@ -29,6 +32,7 @@ functions they define: the student notebook plugs them in when the environment v
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -46,11 +50,14 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import ModelConfig
 from ..fp8 import formats as fp8
+from ..nn import indexer
 from ..nn.attention import MLA, causal_mask
+from ..nn.indexer import Indexer
 from ..nn.model import MTPModule
 from ..nn.moe import Gate
 from ..nn.rope import apply_rotary_emb, precompute_freqs_cis, rope_frequencies
 from ..objectives import balance
+from ..objectives import indexer as indexer_objective
 
 SOLUTIONS_ENV = "DSV3_SOLUTIONS"
 SOLUTION_MARKER = "# SOLUTION"
@@ -1147,6 +1154,200 @@ def check_fp8_tile_quant(fn: Callable) -> CheckResult:
     return _run_check("fp8_tile", body)
 
 
+# ================================================================================ DeepSeek-V3.2-Exp: sparse attention
+# Three checkers for notebook 70 (the lightning indexer, the top-k mask, the indexer's KL objective). The reference is
+# `dsv3_ref.nn.indexer` and `dsv3_ref.objectives.indexer`; the classic mistakes are modelled next to it.
+_DSA_CFG = dict(_YARN_CFG, index_n_heads=4, index_head_dim=16, index_topk=4)
+
+
+def _indexer_variant(idx: Indexer, x: torch.Tensor, qr: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None,
+                     rope: str = "half", act: str = "relu", norm: bool = True, scale: float = 1.0) -> torch.Tensor:
+    """The indexer's scores with one mistake: rope "interleaved" (MLA's layout), "last" (rotary part at the end of
+    the head, MLA's order) or "none"; act "softmax" or "none" instead of ReLU; norm=False (no k_norm); the scores
+    multiplied by `scale` (a forgotten H^-0.5 or d^-0.5)."""
+    B, S, _ = x.shape
+    r, d = idx.rope_head_dim, idx.head_dim
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        if rope == "none":
+            return t
+        if rope == "last":
+            nope, pe = t.split([d - r, r], dim=-1)
+            return torch.cat([nope, apply_rotary_emb(pe, freqs, interleaved=False)], dim=-1)
+        pe, nope = t.split([r, d - r], dim=-1)
+        return torch.cat([apply_rotary_emb(pe, freqs, interleaved=rope == "interleaved"), nope], dim=-1)
+
+    with torch.no_grad():
+        q = rotate(idx.wq_b(qr).view(B, S, idx.n_heads, d))
+        k = rotate(idx.k_norm(idx.wk(x)) if norm else idx.wk(x))
+        logits = torch.einsum("bshd,btd->bsht", q, k)
+        logits = {"relu": logits.relu(), "softmax": logits.softmax(-1), "none": logits}[act]
+        scores = torch.einsum("bsht,bsh->bst", logits, idx.head_weights(x)) * scale
+    return scores if mask is None else scores + mask
+
+
+def check_indexer_scores(fn: Callable) -> CheckResult:
+    """fn(indexer, x, qr, freqs_cis, mask) -> index scores I (B, S, T), eq. 1 of the V3.2-Exp report, from an
+    `Indexer`'s weights: x (B, S, dim) the layer input, qr (B, S, q_lora_rank) the MLA query latent, freqs_cis (S,
+    d_r/2), mask (S, T) additive or None. q = wq_b(qr) per head, k = k_norm(wk(x)), the first qk_rope_head_dim values
+    of both rotated in the HALF-SPLIT layout, w = weights_proj(x) * H^-0.5 * d^-0.5, I = sum_j w_j ReLU(q_j . k) + mask.
+    Reference: `Indexer.forward`."""
+
+    def body() -> str:
+        cfg = ModelConfig(**_DSA_CFG)
+        idx = _build(lambda: Indexer(cfg), 21)
+        freqs = precompute_freqs_cis(cfg)
+        gen = _gen(22)
+        cases = [("prefill of 9 tokens, causal mask", 9, freqs[:9], causal_mask(9, 0)),
+                 ("6 tokens at positions 3-8, no mask", 6, freqs[3:9], None)]
+        for label, S, f, mask in cases:
+            x, qr = torch.randn(2, S, cfg.dim, generator=gen), torch.randn(2, S, cfg.q_lora_rank, generator=gen)
+            with torch.no_grad():
+                want = idx(x, qr, f, mask)
+            got = _expect_tensor(label, _call(fn, idx, x.clone(), qr.clone(), f, mask), want, "(B, S, T)",
+                                 {(2, S, idx.n_heads, S): "sum the heads, weighted by w (eq. 1): one score per (t, s)"},
+                                 dtype_hint="compute in float32")
+            if mask is not None and torch.isfinite(got[:, 0, 1:]).any():
+                raise _Fail(f"{label}: query 0 scores future positions: add the causal mask (-inf above the diagonal)")
+            variant = functools.partial(_indexer_variant, idx, x, qr, f, mask)
+            H, d = idx.n_heads, idx.head_dim
+            _diagnose(label, got, want, [
+                (variant(rope="interleaved"), "the rotary part is rotated in interleaved pairs (x_0, x_1), ... like "
+                                              "the main MLA; the indexer's RoPE is half-split: pairs (x_i, x_{i+d/2}) "
+                                              "(apply_rotary_emb(..., interleaved=False))"),
+                (variant(rope="last"), "you rotated the LAST qk_rope_head_dim values of each indexer head; in the "
+                                       "indexer the rotary part comes FIRST (MLA's heads have it last)"),
+                (variant(rope="none"), "no RoPE: rotate the first qk_rope_head_dim values of q and k"),
+                (variant(act="softmax"), "softmax instead of ReLU: eq. 1 takes ReLU(q . k) per head (chosen for "
+                                         "throughput), no normalisation over the positions"),
+                (variant(act="none"), "no ReLU: negative q . k must count as 0 (eq. 1)"),
+                (variant(norm=False), "k is not normalised: apply indexer.k_norm (a LayerNorm) to wk(x)"),
+                (variant(scale=H**0.5), "the head weights miss the factor H^-0.5 (n_heads ** -0.5)"),
+                (variant(scale=d**0.5), "the head weights miss the softmax scale d^-0.5 (index_head_dim ** -0.5)"),
+                (variant(scale=(H * d) ** 0.5), "the head weights miss both H^-0.5 and d^-0.5"),
+            ], 1e-5, 1e-5)
+        return "ReLU-weighted index scores match Indexer.forward (half-split RoPE, rotary part first, k_norm, scales)"
+
+    return _run_check("dsa_score", body)
+
+
+def check_topk_mask(fn: Callable) -> CheckResult:
+    """fn(scores, topk, mask) -> the additive sparse mask (B, S, T): 0 at the min(topk, T) positions of highest index
+    score of each query that the causal mask lets it see, -inf everywhere else. scores (B, S, T) float32 (the causal
+    mask already added), mask (S, T) additive or None (decoding). Reference: `indexer.sparse_mask(
+    indexer.topk_indices(scores, topk), T, mask)`."""
+
+    def body() -> str:
+        gen = _gen(31)
+        cases = [("prefill T=10, topk=4 (early queries see fewer than 4)", 10, 10, 4, causal_mask(10, 0)),
+                 ("prefill T=6, topk=8 > T", 6, 6, 8, causal_mask(6, 0)),
+                 ("decode: 1 query over 10 positions, topk=4, mask None", 1, 10, 4, None)]
+        for label, S, T, k, mask in cases:
+            scores = torch.randn(2, S, T, generator=gen)
+            if mask is not None:
+                scores = scores + mask
+            want = indexer.sparse_mask(indexer.topk_indices(scores, k), T, mask)
+            got = _call(fn, scores.clone(), k, mask, label=label,
+                        hint=lambda e: "topk larger than T: keep min(topk, T)" if "out of range" in str(e) else "")
+            if isinstance(got, torch.Tensor) and got.dtype == torch.bool:
+                raise _Fail(f"{label}: a bool mask; return an additive float mask: 0 where kept, -inf elsewhere "
+                            "(it is added to the attention scores)")
+            got = _expect_tensor(label, got, want, "(B, S, T)")
+            if ((got != 0) & torch.isfinite(got)).any():
+                raise _Fail(f"{label}: the mask must hold only 0 (kept) and -inf (dropped)")
+            kept, want_kept = got == 0, want == 0
+            if mask is not None and (kept & ~torch.isfinite(mask)).any():
+                raise _Fail(f"{label}: a query keeps a future position. With fewer visible positions than topk, topk "
+                            "also returns masked (-inf) ones: add the causal mask again after the scatter")
+            if torch.equal(kept, ~want_kept & torch.isfinite(scores)):
+                raise _Fail(f"{label}: inverted: 0 must mark the KEPT positions, -inf the dropped ones")
+            visible = torch.isfinite(scores)
+            if k < T and (scores[kept & visible].mean() < scores[visible].mean()):
+                raise _Fail(f"{label}: you kept LOWEST scores: topk must keep the largest (largest=True)")
+            if not torch.equal(kept, want_kept):
+                counts, want_counts = kept.sum(-1), want_kept.sum(-1)
+                if not torch.equal(counts, want_counts):
+                    index = tuple(int(i) for i in (counts != want_counts).nonzero()[0])
+                    raise _Fail(f"{label}: query {index} keeps {int(counts[index])} positions, expected "
+                                f"{int(want_counts[index])} (min(topk, visible positions))")
+                raise _Fail(f"{label}: a different selection than the reference: keep the highest scores per query "
+                            "(over the last dim)")
+        return "the top-k mask matches: highest scores kept, causal mask re-applied, topk > T and decoding handled"
+
+    return _run_check("dsa_topk", body)
+
+
+def _with_grad(fn: Callable) -> Callable:
+    """fn run with autograd on (the checkers call the student's function under no_grad)."""
+
+    def run(*args: Any) -> Any:
+        with torch.enable_grad():
+            return fn(*args)
+
+    return run
+
+
+def check_indexer_kl(fn: Callable) -> CheckResult:
+    """fn(scores, attn, selected) -> the indexer's loss, a scalar: the mean over queries of KL(p_t || softmax(I_t))
+    (eqs. 3-4). scores (B, S, T) the index scores (-inf where the query cannot see); attn (B, S, H, T) the main
+    attention's probabilities per head (part of the main model's graph); selected (B, S, T) bool (the sparse stage's
+    top-k set) or None (dense warm-up). p_t = attn summed over the heads, restricted to the visible (and selected)
+    positions, L1-normalised; softmax(I_t) over the same positions. Reference: `indexer_objective.indexer_kl_loss`."""
+
+    def body() -> str:
+        gen = _gen(41)
+        B, S, H = 2, 7, 3
+        mask = causal_mask(S, 0)
+        for label, sparse in (("dense warm-up (selected=None)", False), ("sparse stage (selected given)", True)):
+            scores = torch.randn(B, S, S, generator=gen) * 2 + mask
+            selected = None
+            logits = torch.randn(B, S, H, S, generator=gen) * 2 + mask.unsqueeze(1)
+            if sparse:
+                selected = (torch.rand(B, S, S, generator=gen) < 0.5) | torch.eye(S, dtype=torch.bool)
+                selected &= torch.isfinite(mask)
+                logits = logits.masked_fill(~selected.unsqueeze(2), float("-inf"))
+            leaf = logits.clone().requires_grad_(True)
+            attn = leaf.softmax(-1)  # (B, S, H, T), in a graph like the main model's attention
+            want = indexer_objective.indexer_kl_loss(indexer.IndexerRecord(scores, attn.detach().sum(2), selected))
+            got = _call(_with_grad(fn), scores.clone(), attn, selected)
+            if not isinstance(got, torch.Tensor) or got.numel() != 1:
+                raise _Fail(f"{label}: expected a scalar tensor, got {getattr(got, 'shape', type(got).__name__)}")
+            if got.requires_grad:
+                got.sum().backward()
+                if leaf.grad is not None and (leaf.grad != 0).any():
+                    raise _Fail(f"{label}: the loss sends gradients into the main attention: detach the target "
+                                "(attn.detach()): the report trains the indexer only by L^I and the main model only "
+                                "by the language-modelling loss")
+            got = got.detach().reshape(())
+            support = torch.isfinite(scores) if selected is None else torch.isfinite(scores) & selected
+            p_raw = attn.detach().sum(2) * support
+            p = p_raw / p_raw.sum(-1, keepdim=True)
+            log_q = scores.masked_fill(~support, float("-inf")).log_softmax(-1)
+            log_q_all = scores.log_softmax(-1)
+
+            def kl(pp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+                return (torch.xlogy(pp, pp) - pp * lq.masked_fill(pp == 0, 0.0)).sum(-1)
+
+            q = log_q.exp()
+            _diagnose(label, got, want, [
+                (kl(p, log_q).sum(), "you summed over the queries (the report's sum over t); take the mean over all "
+                                     "B * S queries, as dsv3_ref does"),
+                (-(p * log_q.masked_fill(~support, 0.0)).sum(-1).mean(),
+                 "that is the cross-entropy; the KL divergence also adds the target's negative entropy sum p log p "
+                 "(same gradient for the indexer, different value)"),
+                ((torch.xlogy(q, q) - q * torch.log(p).masked_fill(~support, 0.0)).sum(-1).mean(),
+                 "the KL is reversed: the report's is D_KL(p || softmax(I)), the attention distribution first"),
+                (kl(p_raw, log_q).mean(), "p is not L1-normalised: the heads' probabilities summed over the heads "
+                                          "add up to H; divide by their total (eq. 3)"),
+                (None if selected is None else kl(p, log_q_all).mean(),
+                 "in the sparse stage softmax(I) is taken over the selected positions only (eq. 4), not over all "
+                 "visible ones"),
+            ], 1e-5, 1e-5)
+        return "the KL objective matches (mean over queries, L1-normalised head sum, selected set, target detached)"
+
+    return _run_check("dsa_kl", body)
+
+
 # ---------------------------------------------------------------------------------------------- registry, solutions
 @dataclass(frozen=True)
 class Exercise:
@@ -1167,6 +1368,10 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in [
     Exercise("bias_update", check_bias_update, "update_bias", "40_load_balancing", "beginner"),
     Exercise("mtp_combine", check_mtp_combine, "mtp_combine", "45_mtp", "beginner"),
     Exercise("fp8_tile", check_fp8_tile_quant, "quantize_1x128", "50_fp8_formats_and_scaling", "intermediate"),
+    # DeepSeek-V3.2-Exp (the section above): solved in the chapter notebook itself
+    Exercise("dsa_score", check_indexer_scores, "indexer_scores", "70_sparse_attention", "intermediate"),
+    Exercise("dsa_topk", check_topk_mask, "topk_mask", "70_sparse_attention", "beginner"),
+    Exercise("dsa_kl", check_indexer_kl, "indexer_kl", "70_sparse_attention", "advanced"),
 ]}
 
 

@@ -1,5 +1,6 @@
 """Training: `TrainConfig` and its presets (`config`), the `Trainer` with resumable checkpoints (`trainer`), and the
-`TrainHook`s that plug the objectives into it (`hooks`: load balancing, MTP)."""
+`TrainHook`s that plug the objectives into it (`hooks`: load balancing, MTP; `dsa`: DeepSeek-V3.2-Exp's two
+indexer stages, imported from `dsv3_ref.train.dsa`)."""
 
 from .config import PRECISIONS, TRAIN_PRESETS, TrainConfig, lr_at
 from .hooks import ExpertAuxLoss, LoadMonitor, LossFreeBalancing, MTPLoss, SequenceBalanceLoss
