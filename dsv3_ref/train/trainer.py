@@ -23,6 +23,7 @@ import json
 import os
 import random
 import time
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -34,8 +35,8 @@ from tqdm.auto import tqdm
 from ..config import ModelConfig
 from ..data import CorpusData, TextFileData, TokenData
 from ..fp8.linear import convert_to_fp8
-from ..io.atomic import write_folder
-from ..io.checkpoint import from_pretrained, save_pretrained
+from ..io.atomic import recover_folder, write_folder
+from ..io.checkpoint import from_pretrained, write_pretrained
 from ..nn.model import Transformer
 from ..objectives.lm import cross_entropy
 from .config import TrainConfig, lr_at
@@ -179,6 +180,8 @@ class Trainer:
             out: str | os.PathLike | None = None) -> list[dict[str, float]]:
         """Train until `stop_at` (default cfg.steps) optimiser steps are done, first resuming from a checkpoint
         folder if given; with `out`, save a checkpoint there every `save_every` steps and at the end."""
+        if out is not None:
+            check_out_folder(out)  # before the first step, so that no work is lost to a bad path
         if resume_from is not None:
             self.resume(resume_from)
         cfg = self.cfg
@@ -227,17 +230,12 @@ class Trainer:
         return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the checkpoint folder `path` atomically (`io.atomic.write_folder`): if anything fails, a checkpoint
-        already at `path` is left as it was."""
-        path = os.path.abspath(os.fspath(path))
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{path} exists and is not a folder: a checkpoint is a folder")
-        if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, TRAIN_STATE_NAME)):
-            raise ValueError(f"{path} exists and is not a training checkpoint: refusing to overwrite it")
-        write_folder(path, self._write_checkpoint)
+        """Write the checkpoint folder `path` crash-safely (`io.atomic.write_folder`): if anything fails, or the
+        process is killed, a checkpoint already at `path` is left as it was, or the next load finds the new one."""
+        _recovered(write_folder(check_out_folder(path), self._write_checkpoint))
 
     def _write_checkpoint(self, folder: str) -> None:
-        save_pretrained(self.model, folder)
+        write_pretrained(self.model, folder)
         save_file(self._state_tensors(), os.path.join(folder, TRAIN_STATE_NAME), metadata=self._state_metadata())
         with open(os.path.join(folder, TRAIN_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(self.cfg.to_dict(), f, indent=2)
@@ -263,6 +261,7 @@ class Trainer:
         Training then continues exactly as the uninterrupted run would. The model must have the checkpoint's
         config (ValueError naming the differing fields otherwise); a damaged checkpoint raises ValueError."""
         path = os.fspath(path)
+        _recovered(recover_folder(path))
         state_file = os.path.join(path, TRAIN_STATE_NAME)
         if not os.path.isfile(state_file):
             raise ValueError(f"{path}: not a training checkpoint (no {TRAIN_STATE_NAME})")
@@ -303,8 +302,36 @@ class Trainer:
         random.setstate((python_random[0], tuple(python_random[1]), python_random[2]))
 
 
+def _recovered(message: str | None) -> None:
+    """Say that an interrupted save was finished or undone (`io.atomic.recover_folder`)."""
+    if message is not None:
+        warnings.warn(message, stacklevel=3)
+
+
+def check_out_folder(path: str | os.PathLike) -> str:
+    """The absolute path a checkpoint will be saved to, checked before any training: ValueError if it is a file, a
+    non-empty folder that is not a training checkpoint (never overwritten), or in a folder this process cannot
+    write into. A symlink is followed: the folder it points to is the checkpoint, replaced on each save, and the link
+    keeps pointing to it."""
+    path = os.path.realpath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path} exists and is not a folder: a checkpoint is a folder")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, TRAIN_STATE_NAME)):
+        raise ValueError(f"--out {path} exists and is not a training checkpoint (no {TRAIN_STATE_NAME}): refusing "
+                         "to overwrite it")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):  # the nearest folder that exists: the save creates the rest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: no permission to write in {parent}")
+    return path
+
+
 def read_train_config(path: str | os.PathLike) -> TrainConfig:
     """The `train_config.json` of a checkpoint folder."""
+    _recovered(recover_folder(path))
     file = os.path.join(os.fspath(path), TRAIN_CONFIG_NAME)
     try:
         with open(file, encoding="utf-8") as f:
@@ -315,6 +342,7 @@ def read_train_config(path: str | os.PathLike) -> TrainConfig:
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """The exact `ModelConfig` a checkpoint folder was trained with (kept in its training state)."""
+    _recovered(recover_folder(path))
     file = os.path.join(os.fspath(path), TRAIN_STATE_NAME)
     try:
         with safe_open(file, framework="pt") as f:
