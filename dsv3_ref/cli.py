@@ -154,6 +154,8 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--outputs", metavar="FILE", help="safetensors file with your implementation's outputs")
     p.add_argument("--reference", metavar="NAME", help=f"reference name, one of {list(validate.REFERENCES)}")
     p.add_argument("--export-reference", nargs=2, metavar=("NAME", "DIR"), help="write reference NAME to DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --export-reference replace a non-empty folder that is not a reference export")
     p.add_argument("--list", action="store_true", help="list the shipped references")
     p.add_argument("--atol", type=float, default=validate.ATOL, help=f"absolute tolerance (default {validate.ATOL:g})")
     p.add_argument("--rtol", type=float, default=validate.RTOL, help=f"relative tolerance (default {validate.RTOL:g})")
@@ -174,7 +176,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         return 0
     if args.export_reference:
         name, folder = args.export_reference
-        validate.export_reference(name, folder)
+        validate.export_reference(name, folder, overwrite=args.overwrite)
         print(f"wrote reference {name!r} to {folder}: config.json + model.safetensors (hub format) and "
               f"{validate.TOKENS_FILE} (tokens {tuple(validate.reference_tokens(name).shape)}); run your "
               f"implementation on the tokens and check it with: python -m dsv3_ref validate --outputs FILE "
