@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import random
 import sys
 
 import torch
@@ -96,10 +97,13 @@ def _train_configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
 
 def _run_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg, model_cfg = _train_configs(args)
     device = _device(args.device)
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)  # saved in the training state: seeded, so that two identical runs write the same state
     model = Transformer(model_cfg)
     model.reset_parameters(cfg.seed)  # on the CPU, so that a seed gives the same weights on every device
     trainer = Trainer(model.to(device), cfg, progress=not args.no_progress)

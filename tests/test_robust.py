@@ -5,16 +5,22 @@ rule."""
 
 import json
 import os
+import random
+import re
 import stat
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from dsv3_ref import ModelConfig, Transformer, from_pretrained, save_pretrained
 from dsv3_ref.cli import main
 from dsv3_ref.data import CorpusData
+from dsv3_ref.inference.generate import generate, sample
 from dsv3_ref.io.checkpoint import INDEX_NAME, WEIGHTS_NAME
 from dsv3_ref.teaching import validate
-from dsv3_ref.train import TrainConfig, Trainer
+from dsv3_ref.train import TrainConfig, Trainer, TrainHook
 from dsv3_ref.train.trainer import TRAIN_STATE_NAME
 
 SMALL = dict(steps=2, batch_size=2, seq_len=16, warmup_steps=1, eval_every=0, eval_batches=1, log_every=1)
@@ -155,3 +161,136 @@ def test_one_permission_rule_for_every_file(data, tmp_path):
     assert set(modes.values()) == {0o644}, modes
     assert {stat.S_IMODE((tmp_path / d).stat().st_mode) for d in ("ck", "ref")} == {0o755}
 
+
+
+# ---------------------------------------------------------------------------------------------- §4, §5 configs
+def _hf(**changes):
+    hf = ModelConfig.from_preset("tiny").to_hf()
+    return {k: v for k, v in {**hf, **changes}.items() if v != "ABSENT"}
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(hidden_size=None), "hidden_size is null"),
+    (dict(num_hidden_layers=None), "num_hidden_layers is null"),
+    (dict(max_position_embeddings=None), "max_position_embeddings must be a finite number"),
+    (dict(rope_scaling="yarn"), "rope_scaling must be an object"),
+    (dict(max_position_embeddings=1024, rope_scaling={"type": "yarn", "mscale": 1.0, "mscale_all_dim": 1.0}),
+     "rope_scaling.factor is missing"),
+    (dict(max_position_embeddings=1024, rope_scaling={"type": "yarn", "factor": 4, "beta_fast": "32",
+                                                       "mscale": 1.0, "mscale_all_dim": 1.0}),
+     "rope_scaling.beta_fast must be a finite number"),
+    (dict(max_position_embeddings=1024, rope_scaling={"type": "yarn", "factor": 4, "beta_fast": float("inf"),
+                                                       "mscale": 1.0, "mscale_all_dim": 1.0}),
+     "rope_scaling.beta_fast must be a finite number"),
+    (dict(max_position_embeddings=1024, rope_scaling={"type": "yarn", "factor": 4, "mscale": float("inf"),
+                                                       "mscale_all_dim": float("inf")}),
+     "rope_scaling.mscale must be a finite number"),
+])
+def test_bad_config_json_names_the_file_and_field(tmp_path, changes, field):
+    (tmp_path / "config.json").write_text(json.dumps(_hf(**changes)))
+    with pytest.raises(ValueError, match=rf"config\.json: .*{re.escape(field)}"):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_config_json_that_is_not_json_names_the_file(tmp_path):
+    for text in ("{", "[1, 2]", "\xff"):
+        (tmp_path / "config.json").write_text(text, encoding="latin-1")
+        with pytest.raises(ValueError, match=r"config\.json: "):
+            ModelConfig.from_hf(tmp_path)
+
+
+def test_absent_moe_keys_take_the_transformers_defaults():
+    keys = ["n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"]
+    cfg = ModelConfig.from_hf(_hf(**dict.fromkeys(keys, "ABSENT")))
+    assert (cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_expert_groups, cfg.n_limited_groups) == (256, 8, 8, 4)
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.DeepseekV3Config()
+    assert (theirs.n_routed_experts, theirs.num_experts_per_tok, theirs.n_group, theirs.topk_group) == (256, 8, 8, 4)
+
+
+@pytest.mark.parametrize("field", ["mscale", "beta_fast", "rope_theta"])
+def test_infinite_rope_fields_are_refused(field):
+    with pytest.raises(ValueError, match=rf"{field} must be a .*finite"):
+        ModelConfig.from_preset("tiny", **{field: float("inf")})
+
+
+# ---------------------------------------------------------------------------------------------- §4 training
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path):
+    class Poison(TrainHook):
+        def loss_terms(self, trainer, tokens, targets, hidden, logits):
+            return {"poison": torch.tensor(float("nan") if trainer.step == 1 else 0.0)}
+
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    trainer = Trainer(model, TrainConfig(**{**SMALL, "save_every": 1}), data, hooks=[Poison()], progress=False)
+    with pytest.raises(ValueError, match=r"step 2: the loss is nan .* last checkpoint saved is kept"):
+        trainer.fit(out=tmp_path / "ck")
+    fresh = _trainer(data)
+    fresh.resume(tmp_path / "ck")
+    assert fresh.step == 1 and all(torch.isfinite(p).all() for p in fresh.model.parameters())
+    with torch.no_grad():
+        model.layers[0].attn_norm.weight[0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite weights in .*attn_norm"):
+        trainer.save(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--min-lr", "inf"), ("--eps", "nan"),
+                                         ("--seed", str(10**23)), ("--threads", "0")])
+def test_bad_train_flags_exit_2_before_training(tmp_path, capsys, flag, value):
+    assert main([*_train_args(tmp_path / "ck"), flag, value]) == 2
+    assert flag.lstrip("-").replace("-", "_") in capsys.readouterr().err.replace("-", "_")
+    assert not (tmp_path / "ck").exists()
+
+
+def _mutate_state(folder, tensors=None, meta=None):
+    file = folder / TRAIN_STATE_NAME
+    with safe_open(file, framework="pt") as f:
+        old_meta, old = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    new = {**old, **(tensors or {})}
+    save_file({k: v for k, v in new.items() if v is not None}, file, metadata={**old_meta, **(meta or {})})
+
+
+def _moment_key(folder):
+    return next(k for k in load_file(folder / TRAIN_STATE_NAME) if k.endswith(".exp_avg"))
+
+
+@pytest.mark.parametrize("case, field", [
+    ("step -5", "step"), ("history dict", "history"), ("accumulator list", "log_accumulator"),
+    ("moment shape", "optimizer state of"), ("no moment step", "optimizer state of"), ("rng size", "rng.torch"),
+    ("data rng size", "rng.data"), ("python random", "python_random"),
+])
+def test_damaged_train_state_names_the_field(data, tmp_path, case, field):
+    ck = tmp_path / "ck"
+    _trainer(data).fit(stop_at=1, out=ck)
+    moment = _moment_key(ck)
+    change = {
+        "step -5": dict(tensors={"step": torch.tensor(-5)}),
+        "history dict": dict(meta={"history": "{}"}),
+        "accumulator list": dict(meta={"log_accumulator": "[]"}),
+        "moment shape": dict(tensors={moment: torch.zeros(3)}),
+        "no moment step": dict(tensors={moment[: -len("exp_avg")] + "step": None}),
+        "rng size": dict(tensors={"rng.torch": torch.zeros(7, dtype=torch.uint8)}),
+        "data rng size": dict(tensors={"rng.data": torch.zeros(7, dtype=torch.uint8)}),
+        "python random": dict(meta={"python_random": "[3, [1, 2], null]"}),
+    }[case]
+    _mutate_state(ck, **change)
+    with pytest.raises(ValueError, match=rf"{TRAIN_STATE_NAME}: .*{field}"):
+        _trainer(data).resume(ck)
+
+
+def test_python_random_is_seeded(tmp_path):
+    for out in ("a", "b"):
+        random.random()  # as another interpreter (or library) would leave it: a different state
+        assert main(_train_args(tmp_path / out)) == 0
+    states = [safe_open(tmp_path / out / TRAIN_STATE_NAME, framework="pt").metadata()["python_random"]
+              for out in ("a", "b")]
+    assert states[0] == states[1]
+
+
+# ---------------------------------------------------------------------------------------------- §4 generate
+def test_tiny_temperature_is_greedy_and_finite():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, 0.5]])
+    for t in (1e-40, 1e-300, 5e-324):
+        assert sample(logits, temperature=t).tolist() == [1, 2]
+    model = Transformer(ModelConfig.from_preset("tiny")).eval()
+    greedy = generate(model, [[1, 2, 3]], max_new_tokens=5)
+    assert generate(model, [[1, 2, 3]], max_new_tokens=5, temperature=1e-40, seed=0) == greedy

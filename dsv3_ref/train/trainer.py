@@ -149,6 +149,9 @@ class Trainer:
                         terms[name] = value
             ce = cross_entropy(logits, targets)
             loss = ce + sum(t.float() for t in terms.values())
+            if not torch.isfinite(loss):
+                raise ValueError(f"step {self.step + 1}: the loss is {loss.item()} (train_loss {ce.item()}); training "
+                                 "stopped, the last checkpoint saved is kept (is lr too large?)")
             (loss / cfg.grad_accum).backward()
             for name, value in {"train_loss": ce, **terms}.items():
                 out[name] = out.get(name, 0.0) + value.item() / cfg.grad_accum
@@ -232,6 +235,10 @@ class Trainer:
     def save(self, path: str | os.PathLike) -> None:
         """Write the checkpoint folder `path` crash-safely (`io.atomic.write_folder`): if anything fails, or the
         process is killed, a checkpoint already at `path` is left as it was, or the next load finds the new one."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise ValueError(f"step {self.step}: non-finite weights in {bad[:5]}; not saved, the last checkpoint "
+                             "saved is kept (is lr too large?)")
         _recovered(write_folder(check_out_folder(path), self._write_checkpoint))
 
     def _write_checkpoint(self, folder: str) -> None:
@@ -274,10 +281,11 @@ class Trainer:
             saved_cfg = json.loads(meta["model_config"])
             python_random = json.loads(meta["python_random"])
             history, acc = json.loads(meta["history"]), json.loads(meta["log_accumulator"])
-            step = int(tensors.pop("step"))
-            rng_torch, rng_data = tensors.pop("rng.torch"), tensors.pop("rng.data")
+            step_t, rng_torch, rng_data = tensors.pop("step"), tensors.pop("rng.torch"), tensors.pop("rng.data")
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise ValueError(f"{state_file}: damaged training state ({type(e).__name__}: {e})") from None
+        step = self._check_state(state_file, step_t, history, acc, rng_torch, rng_data)
+        python_random = _python_random_state(state_file, python_random)
         ours = self.model.config.to_dict()
         differ = sorted(k for k in set(ours) | set(saved_cfg) if ours.get(k) != saved_cfg.get(k))
         if differ:
@@ -285,21 +293,64 @@ class Trainer:
             raise ValueError(f"{path}: the checkpoint was trained with a different model config ({detail})")
         loaded = from_pretrained(path, dtype=self.model.embed.weight.dtype)  # ValueError if damaged
         self.model.load_state_dict(loaded.state_dict())
-        names = self._param_names()
-        optim_state: dict[int, dict[str, torch.Tensor]] = {}
-        for i, name in enumerate(names):
-            keys = {k for k in tensors if k.startswith(f"optimizer.{name}.")}
-            if keys:
-                optim_state[i] = {k[len(f"optimizer.{name}."):]: tensors.pop(k) for k in keys}
-        if tensors:
-            raise ValueError(f"{state_file}: unexpected tensor(s) {sorted(tensors)[:5]} (a different model?)")
         sd = self.optimizer.state_dict()
-        sd["state"] = optim_state
+        sd["state"] = self._optimizer_state(state_file, tensors)
         self.optimizer.load_state_dict(sd)
         self.step, self.history, self._acc = step, history, acc
         torch.set_rng_state(rng_torch)
         self.generator.set_state(rng_data)
-        random.setstate((python_random[0], tuple(python_random[1]), python_random[2]))
+        random.setstate(python_random)
+
+    def _check_state(self, state_file: str, step: torch.Tensor, history: Any, acc: Any, rng_torch: torch.Tensor,
+                     rng_data: torch.Tensor) -> int:
+        """The step, after checking every field of a training state (ValueError naming the file and the field)."""
+        def bad(field: str, what: str) -> ValueError:
+            return ValueError(f"{state_file}: {field} {what}")
+
+        if step.dim() != 0 or step.dtype != torch.int64 or int(step) < 0:
+            raise bad("step", f"must be a non-negative int64 scalar, got {step.tolist()!r} ({step.dtype})")
+        if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+            raise bad("history", f"must be a list of objects, got {type(history).__name__}")
+        if not (isinstance(acc, dict) and all(isinstance(v, (int, float)) for v in acc.values())):
+            raise bad("log_accumulator", f"must be an object of numbers, got {type(acc).__name__}")
+        for field, got, want in (("rng.torch", rng_torch, torch.get_rng_state()),
+                                 ("rng.data", rng_data, self.generator.get_state())):
+            if got.dtype != want.dtype or got.shape != want.shape:
+                raise bad(field, f"must be a {want.dtype} tensor of shape {tuple(want.shape)}, got {got.dtype} "
+                                 f"{tuple(got.shape)}")
+        return int(step)
+
+    def _optimizer_state(self, state_file: str, tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, Any]]:
+        """AdamW's state by parameter position from the `optimizer.{name}.{key}` tensors: each parameter has all of
+        step (a scalar), exp_avg and exp_avg_sq (its shape), or none of them (before the first step)."""
+        params = dict(self.model.named_parameters())
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for i, name in enumerate(self._param_names()):
+            prefix = f"optimizer.{name}."
+            found = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+            if not found:
+                continue
+            shapes = {"step": (), "exp_avg": tuple(params[name].shape), "exp_avg_sq": tuple(params[name].shape)}
+            got = {k: tuple(t.shape) for k, t in found.items()}
+            if got != shapes:
+                raise ValueError(f"{state_file}: optimizer state of {name} must be {shapes} (key: shape), got {got}")
+            state[i] = found
+        if tensors:
+            raise ValueError(f"{state_file}: unexpected tensor(s) {sorted(tensors)[:5]} (a different model?)")
+        return state
+
+
+def _python_random_state(state_file: str, saved: Any) -> tuple:
+    """The `random.setstate` tuple from its JSON form [version, [625 ints], gauss]; ValueError if it is not one."""
+    probe = random.Random()
+    try:
+        version, internal, gauss = saved
+        state = (version, tuple(internal), gauss)
+        probe.setstate(state)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{state_file}: python_random is not a saved random state ({type(e).__name__}: {e})"
+                         ) from None
+    return state
 
 
 def _recovered(message: str | None) -> None:
