@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from dsv3_ref import ModelConfig, Transformer, from_pretrained, save_pretrained
 from dsv3_ref.cli import main
 from dsv3_ref.data import CorpusData
+from dsv3_ref.fp8.formats import ceil_pow2, dequantize, fake_quantize, quantization_error, quantize
 from dsv3_ref.inference.generate import generate, sample
 from dsv3_ref.io.checkpoint import INDEX_NAME, WEIGHTS_NAME
 from dsv3_ref.teaching import validate
@@ -294,3 +295,44 @@ def test_tiny_temperature_is_greedy_and_finite():
     model = Transformer(ModelConfig.from_preset("tiny")).eval()
     greedy = generate(model, [[1, 2, 3]], max_new_tokens=5)
     assert generate(model, [[1, 2, 3]], max_new_tokens=5, temperature=1e-40, seed=0) == greedy
+
+
+def test_generate_seed_out_of_range(tmp_path, capsys):
+    save_pretrained(Transformer(ModelConfig.from_preset("tiny")), tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "a", "--temperature", "1", "--seed", str(10**23)]) == 2
+    assert "seed must be" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- §6 FP8 edges
+@pytest.mark.parametrize("shape", [(0, 128), (4, 0), (0,), (2, 0, 3)])
+@pytest.mark.parametrize("block", ["1x128", "128x128", "tensor"])
+def test_fp8_empty_tensors(shape, block):
+    x = torch.zeros(shape)
+    q, scale = quantize(x, block)
+    assert q.shape == x.shape and q.dtype == torch.float8_e4m3fn and scale.numel() == 0
+    assert dequantize(q, scale, block).shape == x.shape and fake_quantize(x, block).shape == x.shape
+
+
+def test_fp8_fake_quantize_keeps_the_sign_of_zero():
+    x = torch.tensor([-0.0, 0.0, -1e-10, 1e-10, 1.0, -3.0, -1e-3, float("nan")])
+    fake, real = fake_quantize(x), dequantize(*quantize(x))
+    assert torch.equal(torch.signbit(fake), torch.signbit(real)) and torch.equal(fake.isnan(), real.isnan())
+    finite = ~real.isnan()
+    assert torch.equal(fake[finite].view(torch.int32), real[finite].view(torch.int32))
+    assert torch.signbit(fake[0]) and torch.signbit(fake[2])
+
+
+def test_fp8_error_of_zeros_and_huge_ue8m0_scales():
+    assert quantization_error(torch.zeros(4, 128)) == 0.0
+    assert ceil_pow2(torch.tensor([3.4e38])).item() == 2.0**127
+    for fmt in ("e4m3", "e5m2"):
+        _, scale = quantize(torch.full((1, 128), 3.4e38), fmt=fmt, scale_fmt="ue8m0", amax_floor=3.4e38)
+        assert torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("floor", [float("inf"), float("nan"), 0.0, -1.0, "1e-4", True])
+def test_fp8_amax_floor_must_be_finite_and_positive(floor):
+    with pytest.raises(ValueError, match="amax_floor must be a finite number > 0"):
+        quantize(torch.ones(2, 128), amax_floor=floor)
+    with pytest.raises(ValueError, match="amax_floor"):
+        fake_quantize(torch.ones(2, 128), amax_floor=floor)

@@ -122,6 +122,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
     in_prompt = tokens != -1  # (B, total)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64) (a torch generator's), got {seed!r}")
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     # the last new token is never fed back, so total - 1 positions suffice
     cache = model.new_cache(B, total - 1, attn_impl)
