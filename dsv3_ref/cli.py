@@ -97,8 +97,8 @@ def _train_configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
 
 def _run_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+        if not 1 <= args.threads <= 1024:
+            raise ValueError(f"--threads must be an integer in [1, 1024], got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg, model_cfg = _train_configs(args)
     device = _device(args.device)

@@ -20,6 +20,7 @@ from dsv3_ref.data import CorpusData
 from dsv3_ref.fp8.formats import ceil_pow2, dequantize, fake_quantize, quantization_error, quantize
 from dsv3_ref.inference.generate import generate, sample
 from dsv3_ref.io.checkpoint import INDEX_NAME, WEIGHTS_NAME
+from dsv3_ref.nn.rope import precompute_freqs_cis
 from dsv3_ref.teaching import validate
 from dsv3_ref.train import TrainConfig, Trainer, TrainHook
 from dsv3_ref.train.trainer import TRAIN_STATE_NAME
@@ -336,3 +337,19 @@ def test_fp8_amax_floor_must_be_finite_and_positive(floor):
         quantize(torch.ones(2, 128), amax_floor=floor)
     with pytest.raises(ValueError, match="amax_floor"):
         fake_quantize(torch.ones(2, 128), amax_floor=floor)
+
+
+# ---------------------------------------------------------------------------------------------- §7 RoPE table
+def test_rope_table_is_built_for_the_positions_used(random_tokens):
+    cfg = ModelConfig.from_preset("tiny", max_seq_len=1 << 22, original_seq_len=256, rope_factor=4.0)
+    model = Transformer(cfg).eval()
+    tokens = random_tokens(1, 2)
+    with torch.no_grad():
+        logits = model(tokens)
+    assert model._freqs[torch.device("cpu")].shape[0] == 2  # not 4M positions (+255 MB)
+    model.freqs_cis("cpu")  # the full table ...
+    assert model._freqs[torch.device("cpu")].shape[0] == 1 << 22
+    with torch.no_grad():
+        assert torch.equal(model(tokens), logits)  # ... gives the same rotations
+    for n in (1, 3, 100, 257, 1000):
+        assert torch.equal(precompute_freqs_cis(cfg, n), precompute_freqs_cis(cfg, 4096)[:n])

@@ -455,11 +455,17 @@ def _load_state(plan: _LoadPlan, reader: _SafetensorsReader, cfg: ModelConfig, d
     for name, (key, pick) in plan.sources.items():
         by_key.setdefault(key, []).append((name, pick))
     state: dict[str, torch.Tensor] = {}
+    non_finite = []
     for key, targets in by_key.items():
         t = reader.get(key)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            non_finite.append(key)
         for name, pick in targets:
             state[name] = cast(name, t if pick is None else pick(t).clone())
         del t
+    if non_finite:
+        raise ValueError(f"from_pretrained({reader.folder!r}): NaN or infinite values in tensor(s) "
+                         f"{_list_keys(non_finite)} (a damaged or diverged checkpoint)")
     for key, main in plan.duplicates:
         if main in state and not torch.equal(cast(main, reader.get(key)), state[main]):
             warnings.warn(f"from_pretrained: {key} differs from {hub_key(main, cfg.n_layers)}; the MTP module shares "

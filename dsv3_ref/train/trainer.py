@@ -284,6 +284,9 @@ class Trainer:
             step_t, rng_torch, rng_data = tensors.pop("step"), tensors.pop("rng.torch"), tensors.pop("rng.data")
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise ValueError(f"{state_file}: damaged training state ({type(e).__name__}: {e})") from None
+        if not isinstance(saved_cfg, dict):
+            raise ValueError(f"{state_file}: model_config must be an object of ModelConfig fields, got "
+                             f"{type(saved_cfg).__name__}")
         step = self._check_state(state_file, step_t, history, acc, rng_torch, rng_data)
         python_random = _python_random_state(state_file, python_random)
         ours = self.model.config.to_dict()
@@ -330,10 +333,13 @@ class Trainer:
             found = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
             if not found:
                 continue
-            shapes = {"step": (), "exp_avg": tuple(params[name].shape), "exp_avg_sq": tuple(params[name].shape)}
-            got = {k: tuple(t.shape) for k, t in found.items()}
-            if got != shapes:
-                raise ValueError(f"{state_file}: optimizer state of {name} must be {shapes} (key: shape), got {got}")
+            p = params[name]
+            want = {"step": ((), torch.float32), "exp_avg": (tuple(p.shape), p.dtype),
+                    "exp_avg_sq": (tuple(p.shape), p.dtype)}
+            got = {k: (tuple(t.shape), t.dtype) for k, t in found.items()}
+            if got != want or not float(found["step"]) >= 0:
+                raise ValueError(f"{state_file}: optimizer state of {name} must be {want} (key: shape, dtype) with "
+                                 f"step >= 0, got {got}")
             state[i] = found
         if tensors:
             raise ValueError(f"{state_file}: unexpected tensor(s) {sorted(tensors)[:5]} (a different model?)")
