@@ -80,10 +80,13 @@ def _leftovers(path: str) -> dict[str, list[str]]:
     parent, base = os.path.split(path)
     pattern = re.compile(rf"^\.{re.escape(base)}\.[A-Za-z0-9_]+\.(tmp|new|old)$")
     found: dict[str, list[str]] = {"tmp": [], "new": [], "old": []}
-    if os.path.isdir(parent):
-        for name in os.listdir(parent):
-            if (m := pattern.match(name)) and os.path.isdir(os.path.join(parent, name)):
-                found[m[1]].append(os.path.join(parent, name))
+    try:
+        names = os.listdir(parent)
+    except OSError:  # no such folder, or not readable: nothing this process could recover there
+        names = []
+    for name in names:
+        if (m := pattern.match(name)) and os.path.isdir(os.path.join(parent, name)):
+            found[m[1]].append(os.path.join(parent, name))
     for kind in found:
         found[kind].sort(key=os.path.getmtime)
     return found
