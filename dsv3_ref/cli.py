@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import random
 import sys
 
 import torch
@@ -96,10 +97,13 @@ def _train_configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
 
 def _run_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
+        if not 1 <= args.threads <= 1024:
+            raise ValueError(f"--threads must be an integer in [1, 1024], got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg, model_cfg = _train_configs(args)
     device = _device(args.device)
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)  # saved in the training state: seeded, so that two identical runs write the same state
     model = Transformer(model_cfg)
     model.reset_parameters(cfg.seed)  # on the CPU, so that a seed gives the same weights on every device
     trainer = Trainer(model.to(device), cfg, progress=not args.no_progress)
@@ -154,6 +158,8 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--outputs", metavar="FILE", help="safetensors file with your implementation's outputs")
     p.add_argument("--reference", metavar="NAME", help=f"reference name, one of {list(validate.REFERENCES)}")
     p.add_argument("--export-reference", nargs=2, metavar=("NAME", "DIR"), help="write reference NAME to DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --export-reference replace a non-empty folder that is not a reference export")
     p.add_argument("--list", action="store_true", help="list the shipped references")
     p.add_argument("--atol", type=float, default=validate.ATOL, help=f"absolute tolerance (default {validate.ATOL:g})")
     p.add_argument("--rtol", type=float, default=validate.RTOL, help=f"relative tolerance (default {validate.RTOL:g})")
@@ -174,7 +180,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         return 0
     if args.export_reference:
         name, folder = args.export_reference
-        validate.export_reference(name, folder)
+        validate.export_reference(name, folder, overwrite=args.overwrite)
         print(f"wrote reference {name!r} to {folder}: config.json + model.safetensors (hub format) and "
               f"{validate.TOKENS_FILE} (tokens {tuple(validate.reference_tokens(name).shape)}); run your "
               f"implementation on the tokens and check it with: python -m dsv3_ref validate --outputs FILE "

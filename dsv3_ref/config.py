@@ -154,8 +154,12 @@ class ModelConfig:
             need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
                  and math.isfinite(value),
                  f"{name} must be a positive finite number, got {value!r}")
+        for name in ["beta_fast", "beta_slow", "mscale"]:
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                 f"{name} must be a finite number, got {value!r}")
         need(self.rope_factor >= 1, f"rope_factor must be >= 1 (1 = no YaRN stretch), got {self.rope_factor!r}")
-        need(isinstance(self.mscale, (int, float)) and self.mscale >= 0, f"mscale must be >= 0, got {self.mscale!r}")
+        need(self.mscale >= 0, f"mscale must be >= 0, got {self.mscale!r}")
         need(self.beta_fast > self.beta_slow > 0,
              f"beta_fast must be > beta_slow > 0, got beta_fast={self.beta_fast!r}, beta_slow={self.beta_slow!r}")
         need(self.n_dense_layers <= self.n_layers,
@@ -206,12 +210,21 @@ class ModelConfig:
         """Read a Hugging Face `config.json` (a path to the file, to its folder, or the parsed dict).
 
         Understands the DeepSeek-V3 and DeepSeek-V2 hub files (`rope_scaling`) and transformers 5's `rope_parameters`.
+        An absent optional key takes transformers' `DeepseekV3Config` default (`HF_DEFAULTS`: 256 routed experts,
+        top-8, 8 groups, top-4 groups, ...), as transformers would; null is "off" for q_lora_rank, n_group,
+        topk_group and first_k_dense_replace only, and refused elsewhere. Every error names the file and the field.
         """
-        hf = dict(path_or_dict) if isinstance(path_or_dict, dict) else _read_hf_json(path_or_dict)
+        if isinstance(path_or_dict, dict):
+            hf, where = dict(path_or_dict), "from_hf"
+        else:
+            hf, where = _read_hf_json(path_or_dict)
         missing = [k for k in _HF_REQUIRED if k not in hf]
         if missing:
-            raise ValueError(f"from_hf: config.json lacks required field(s) {missing}")
-        return cls(**_hf_fields(hf), **_hf_rope(hf))
+            raise ValueError(f"{where}: config.json lacks required field(s) {missing}")
+        try:
+            return cls(**_hf_fields(hf), **_hf_rope(hf))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The equivalent Hugging Face `config.json` dict (DeepSeek-V3 hub layout; loadable by transformers)."""
@@ -271,31 +284,53 @@ HF_FIELDS: dict[str, str] = {
 }
 # DeepSeek-V3.2-Exp's indexer fields: the same names in the official ModelArgs and the hub config.json
 INDEXER_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
+# transformers' DeepseekV3Config defaults (the hub's 671B values) for absent optional keys; num_nextn_predict_layers
+# is the exception: transformers' model builds no MTP module (its loader drops model.layers.{n_layers}), so absent = 0
+HF_DEFAULTS: dict[str, Any] = {
+    "moe_intermediate_size": 2048, "first_k_dense_replace": 3, "n_routed_experts": 256, "n_shared_experts": 1,
+    "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "q_lora_rank": 1536,
+    "num_nextn_predict_layers": 0, "rms_norm_eps": 1e-6, "initializer_range": 0.02,
+}
+# keys where null means the feature is off, and the value that means off
+_HF_NULL_OFF: dict[str, int] = {"q_lora_rank": 0, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0}
 _HF_REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"]
 
 
 # ------------------------------------------------------------------ from_hf, step by step
-def _read_hf_json(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed `config.json` at `path` (the file or its folder)."""
+def _read_hf_json(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """The parsed `config.json` at `path` (the file or its folder), and its path (for error messages)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"from_hf: no config.json at {path!r}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf, path
+
+
+def _hf_value(hf: dict[str, Any], key: str) -> Any:
+    """hf[key], HF_DEFAULTS[key] when absent, the "off" value for a null in _HF_NULL_OFF; null elsewhere refused."""
+    if key not in hf:
+        return HF_DEFAULTS[key]
+    if hf[key] is None:
+        if key not in _HF_NULL_OFF:
+            raise ValueError(f"{key} is null; it must be a number (null means 'off' only for {list(_HF_NULL_OFF)})")
+        return _HF_NULL_OFF[key]
+    return hf[key]
 
 
 def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    """Our fields from the HF names (`HF_FIELDS`), a null meaning the feature is off, and the scoring function."""
-    kw = {ours: hf[theirs] for ours, theirs in HF_FIELDS.items() if hf.get(theirs) is not None}
+    """Our fields from the HF names (`HF_FIELDS`, `_hf_value`), and the scoring function."""
     if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
-        kw["n_mtp_layers"] = hf["num_mtp_layers"]
-    for theirs, ours, off in (("q_lora_rank", "q_lora_rank", 0), ("n_group", "n_expert_groups", 1),
-                              ("topk_group", "n_limited_groups", 1), ("first_k_dense_replace", "n_dense_layers", 0)):
-        if hf.get(theirs) is None:
-            kw[ours] = off
+        hf = {**hf, "num_nextn_predict_layers": hf["num_mtp_layers"]}
+    kw = {ours: _hf_value(hf, theirs) for ours, theirs in HF_FIELDS.items()}
     kw.update({name: hf[name] for name in INDEXER_FIELDS if hf.get(name) is not None})
     v3_family = hf.get("model_type", "deepseek_v3") in ("deepseek_v3", "deepseek_v32")
     kw["score_func"] = hf.get("scoring_func", "sigmoid" if v3_family else "softmax")
@@ -303,37 +338,53 @@ def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if norm_topk is not None and bool(norm_topk) != (kw["score_func"] == "sigmoid"):
         warnings.warn(f"from_hf: norm_topk_prob={norm_topk} with scoring_func={kw['score_func']!r}: "
                       "dsv3_ref follows the official code (renormalise sigmoid weights, never softmax weights)",
-                      stacklevel=3)
+                      stacklevel=4)
     return kw
+
+
+def _number(value: Any, name: str, kind: type = float) -> Any:
+    """`value` as an int or float; ValueError naming the field if it is not a finite number (a bool, a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if kind is int and value != int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return kind(value)
 
 
 def _hf_rope(hf: dict[str, Any]) -> dict[str, Any]:
     """rope_theta, max_seq_len and the YaRN fields from `rope_scaling` (hub) or `rope_parameters` (transformers 5)."""
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    kw: dict[str, Any] = {"max_seq_len": int(hf["max_position_embeddings"])}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_scaling must be an object (e.g. {{\"type\": \"yarn\", \"factor\": 40, ...}}) or null, "
+                         f"got {rope!r}")
+    kw: dict[str, Any] = {"max_seq_len": _number(hf["max_position_embeddings"], "max_position_embeddings", int)}
     theta = hf.get("rope_theta", rope.get("rope_theta"))
     if theta is not None:
-        kw["rope_theta"] = float(theta)
+        kw["rope_theta"] = _number(theta, "rope_theta")
     rope_type = rope.get("type", rope.get("rope_type", "default"))
     if rope_type in ("default", None):
         kw["original_seq_len"] = kw["max_seq_len"]
         return kw
     if rope_type != "yarn":
-        raise ValueError(f"from_hf: rope type {rope_type!r} is not supported; allowed: 'yarn' or 'default'")
-    kw["rope_factor"] = float(rope["factor"])
-    kw["original_seq_len"] = int(rope.get("original_max_position_embeddings", 4096))
-    kw["beta_fast"] = rope.get("beta_fast", 32)
-    kw["beta_slow"] = rope.get("beta_slow", 1)
+        raise ValueError(f"rope type {rope_type!r} is not supported; allowed: 'yarn' or 'default'")
+    if "factor" not in rope:
+        raise ValueError("rope_scaling.factor is missing (YaRN needs the context stretch factor s)")
+    kw["rope_factor"] = _number(rope["factor"], "rope_scaling.factor")
+    kw["original_seq_len"] = _number(rope.get("original_max_position_embeddings", 4096),
+                                     "rope_scaling.original_max_position_embeddings", int)
+    kw["beta_fast"] = _number(rope.get("beta_fast", 32), "rope_scaling.beta_fast")
+    kw["beta_slow"] = _number(rope.get("beta_slow", 1), "rope_scaling.beta_slow")
     mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
     # HF scales cos/sin by get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) when both are non-zero, else
     # by 0.1 ln s + 1; the official code has no such factor, so only equal non-zero values are expressible
-    if not (mscale and mscale_all and math.isclose(float(mscale), float(mscale_all))):
-        raise ValueError(f"from_hf: rope_scaling.mscale ({mscale}) and mscale_all_dim ({mscale_all}) must be "
+    if not (mscale and mscale_all and math.isclose(_number(mscale, "rope_scaling.mscale"),
+                                                   _number(mscale_all, "rope_scaling.mscale_all_dim"))):
+        raise ValueError(f"rope_scaling.mscale ({mscale}) and mscale_all_dim ({mscale_all}) must be "
                          "equal and non-zero: the official code has one mscale (HF's mscale_all_dim)")
     kw["mscale"] = float(mscale_all)
     if kw["max_seq_len"] <= kw["original_seq_len"]:
         warnings.warn("from_hf: YaRN is configured but max_position_embeddings <= original_max_position_"
-                      "embeddings, so (as in the official code) it is inactive", stacklevel=3)
+                      "embeddings, so (as in the official code) it is inactive", stacklevel=4)
     return kw
 
 

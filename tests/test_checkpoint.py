@@ -267,8 +267,12 @@ def test_mtp_loaded_or_skipped(tmp_path):
 
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
-    with pytest.warns(UserWarning, match=r"declares no MTP module .* \[model\.layers\.3\] are skipped"):
-        assert from_pretrained(tmp_path).config.n_mtp_layers == 0
+    # with num_nextn_predict_layers=0, layer 3 is not an MTP layer but a block the config leaves out (issue 14 §4)
+    with pytest.raises(ValueError, match=r"holds model\.layers\.\[3\] .* num_hidden_layers=3 and "
+                                         r"num_nextn_predict_layers=0"):
+        from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"model\.layers\.\[3\].*they are ignored"):
+        assert from_pretrained(tmp_path, strict=False).config.n_mtp_layers == 0
     with pytest.raises(ValueError, match="load_mtp=True but config.json declares num_nextn_predict_layers=0"):
         from_pretrained(tmp_path, load_mtp=True)
 
@@ -277,7 +281,7 @@ def test_extra_mtp_layer_is_unexpected(tmp_path):
     save_pretrained(_model(n_mtp_layers=2), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
-    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \d+: \[model\.layers\.4\."):
+    with pytest.raises(ValueError, match=r"holds model\.layers\.\[4\] .* only layers 3\.\.3 can be MTP"):
         from_pretrained(tmp_path)
 
 

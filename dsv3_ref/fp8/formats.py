@@ -54,7 +54,7 @@ def resolve_block(block: str | tuple[int | None, int | None], rows: int, cols: i
 def as_2d(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension, got a scalar")
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (rows, cols), also when cols = 0
 
 
 def _blocks(x2: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
@@ -100,16 +100,21 @@ def round_to_fp8_(v: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> 
     (the cast saturates or returns NaN there): callers clamp first.
     """
     mbits, emin = _GRIDS[dtype]
-    p = (v.view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^e (0 for zeros and float32 subnormals)
+    bits = v.view(torch.int32)
+    sign = bits & -(2**31)  # the sign bit: v + M - M is +0 where v rounds to zero, the cast keeps -0
+    p = (bits & 0x7F800000).view(torch.float32)  # 2^e (0 for zeros and float32 subnormals)
     p.clamp_(min=2.0**emin)  # 2^max(e, emin)
     k = 1.5 * 2.0 ** (23 - mbits)  # M = k * p; k * p is exact, so v + k * p is rounded once, fused or not
-    return v.add_(p, alpha=k).sub_(p, alpha=k)
+    v.add_(p, alpha=k).sub_(p, alpha=k)
+    bits.bitwise_or_(sign)  # a no-op except on the zeros
+    return v
 
 
 def ceil_pow2(s: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two >= s (s > 0), exactly: the UE8M0 scale rounding of DeepGEMM / DeepSeek-V3.1."""
+    """Smallest power of two >= s (s > 0), exactly: the UE8M0 scale rounding of DeepGEMM / DeepSeek-V3.1. Above
+    2^127, UE8M0's and float32's largest power of two, it saturates to 2^127 (not inf)."""
     mantissa, exponent = torch.frexp(s)  # s = mantissa * 2^exponent, mantissa in [0.5, 1)
-    return torch.where(mantissa == 0.5, s, torch.ldexp(torch.ones_like(s), exponent))
+    return torch.where(mantissa == 0.5, s, torch.ldexp(torch.ones_like(s), exponent)).clamp_(max=2.0**127)
 
 
 def _quantizer_args(x: torch.Tensor, block: str | tuple[int | None, int | None], fmt: str, scale_fmt: str | None,
@@ -118,8 +123,8 @@ def _quantizer_args(x: torch.Tensor, block: str | tuple[int | None, int | None],
     dtype = fp8_dtype(fmt)
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
-    if not amax_floor > 0:
-        raise ValueError(f"amax_floor must be > 0, got {amax_floor}")
+    if isinstance(amax_floor, bool) or not isinstance(amax_floor, (int, float)) or not 0 < amax_floor < math.inf:
+        raise ValueError(f"amax_floor must be a finite number > 0, got {amax_floor!r}")
     x2 = as_2d(x).float()  # (rows, cols)
     return x2, *resolve_block(block, *x2.shape), dtype
 
@@ -165,6 +170,9 @@ def quantize(x: torch.Tensor, block: str | tuple[int | None, int | None] = "1x12
     amax / s <= fp8_max still holds.
     """
     x2, bm, bk, dtype = _quantizer_args(x, block, fmt, scale_fmt, amax_floor)
+    if x.numel() == 0:  # nothing to scale: no blocks along an empty dim
+        mb, kb = math.ceil(x2.shape[0] / bm), math.ceil(x2.shape[1] / bk)
+        return torch.empty(x.shape, dtype=dtype), torch.empty(scale_shape(x.shape, bm, mb, kb))
     v, scale = _scaled_blocks(x2, bm, bk, dtype, scale_fmt, amax_floor)
     return _crop(v.to(dtype), x.shape), scale.reshape(scale_shape(x.shape, bm, *scale.shape))
 
@@ -182,6 +190,8 @@ def fake_quantize(x: torch.Tensor, block: str | tuple[int | None, int | None] = 
     """dequantize(*quantize(x, ...)) bit for bit (float32, x's shape), without a float8 tensor: x / s is rounded onto
     the format's grid in float32 (`round_to_fp8_`) and multiplied back by s."""
     x2, bm, bk, dtype = _quantizer_args(x, block, fmt, scale_fmt, amax_floor)
+    if x.numel() == 0:
+        return torch.empty(x.shape)
     return fake_quantize_2d(x2, bm, bk, dtype, scale_fmt, amax_floor).reshape(x.shape)
 
 
@@ -225,9 +235,11 @@ def block_dequant(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = BLO
 def quantization_error(x: torch.Tensor, block: str | tuple[int | None, int | None] = "1x128", fmt: str = "e4m3",
                        scale_fmt: str | None = None, mask: torch.Tensor | None = None) -> float:
     """Relative Frobenius error ||dequant(quant(x)) - x|| / ||x|| of a round trip, over the entries where `mask`
-    (bool, x's shape) is True if given (e.g. the ordinary channels next to outlier ones)."""
+    (bool, x's shape) is True if given (e.g. the ordinary channels next to outlier ones). 0 where ||x|| = 0 (zeros
+    round-trip exactly)."""
     err = fake_quantize(x, block, fmt, scale_fmt) - x.float()
     ref = x.float()
     if mask is not None:
         err, ref = err[mask], ref[mask]
-    return (err.norm() / ref.norm()).item()
+    ref_norm = ref.norm()
+    return 0.0 if ref_norm == 0 and err.norm() == 0 else (err.norm() / ref_norm).item()

@@ -15,7 +15,8 @@ is that the tail of a longer prompt is fed one token per step instead of in the 
 
 Sampling: `temperature == 0` is greedy (argmax); otherwise softmax(logits / temperature), restricted to the
 nucleus (the smallest set of most likely tokens whose probability reaches `top_p`), then drawn by the official
-"exponential race" argmax(p / E) with E ~ Exp(1), which is a draw from p. A `seed` makes sampling reproducible.
+"exponential race" argmax(p / E) with E ~ Exp(1), which is a draw from p. A `seed` makes sampling reproducible. A
+temperature so small that logits / temperature overflows float32 (1e-40, say) is the limit T -> 0: greedy.
 
 Differences from the official driver: prompt + max_new_tokens beyond `max_seq_len` raises instead of silently
 shortening the output; a generated EOS is kept as the last id (the official code cuts it off) so that the ids and
@@ -58,7 +59,11 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     """Pick one token per row of logits (B, V) -> (B,): greedy if temperature == 0, else nucleus sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    scaled = logits.float() / temperature  # (B, V)
+    # a tiny temperature (1e-40) overflows logits / temperature to inf, and softmax to NaN: such a row's distribution
+    # is one-hot at its argmax up to rounding, so it takes the argmax (the limit temperature -> 0)
+    overflow = ~torch.isfinite(scaled).all(dim=-1)  # (B,)
+    probs = torch.softmax(scaled, dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
         # keep a token if the tokens more likely than it hold less than top_p: always keeps the most likely one
@@ -67,7 +72,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         probs = probs * keep
         probs = probs / probs.sum(dim=-1, keepdim=True)
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)  # E ~ Exp(1), official sampler
-    return (probs / noise).argmax(dim=-1)
+    return torch.where(overflow, logits.argmax(dim=-1), (probs / noise).argmax(dim=-1))
 
 
 def check_generation_args(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
@@ -117,6 +122,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
     in_prompt = tokens != -1  # (B, total)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64) (a torch generator's), got {seed!r}")
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     # the last new token is never fed back, so total - 1 positions suffice
     cache = model.new_cache(B, total - 1, attn_impl)

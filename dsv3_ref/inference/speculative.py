@@ -70,7 +70,8 @@ class _Drafter:
 
     def extend(self, h: torch.Tensor, next_tokens: torch.Tensor) -> int:
         start, S = self.cache.seq_len, h.size(1)
-        freqs = self.model.freqs_cis(h.device)[start + 1:start + 1 + S]  # slot j embeds t_{j+1}: position j + 1
+        # slot j embeds t_{j+1}: position j + 1
+        freqs = self.model.freqs_cis(h.device, start + 1 + S)[start + 1:start + 1 + S]
         hk = self.module(h, self.model.embed(next_tokens), freqs, causal_mask(S, start, h.device),
                          self.cache.layers[0], start, self.cache.attn_impl)  # (1, S, dim)
         self.cache.seq_len = start + S

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..fp8.formats import block_dequant
 from ..nn.model import Transformer
-from .atomic import write_file
+from .atomic import recover_folder, write_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -203,11 +204,17 @@ class _SafetensorsReader:
                     raise TypeError("weight_map is not an object")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+            bad = sorted(repr(v) for v in weight_map.values() if not isinstance(v, str))
+            if bad:
+                raise ValueError(f"{index}: weight_map values must be shard file names (strings), got {bad[:5]}")
             files = sorted(set(weight_map.values()))
+            for name in files:
+                inside_folder(folder, name, f"{index} weight_map")
             absent = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
             if absent:
                 raise ValueError(f"{index} lists shard file(s) that do not exist: {absent}")
         elif os.path.isfile(single):
+            inside_folder(folder, WEIGHTS_NAME, folder)
             weight_map, files = None, [WEIGHTS_NAME]
         else:
             raise ValueError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}")
@@ -269,8 +276,10 @@ def _fresh_storage(t: torch.Tensor) -> torch.Tensor:
 
 
 def _checkpoint_folder(path: str | os.PathLike) -> str:
-    """Validate `path` as a safetensors checkpoint folder; refuse pickle checkpoints."""
+    """Validate `path` as a safetensors checkpoint folder; refuse pickle checkpoints. An interrupted save of `path`
+    is finished or undone first (`io.atomic.recover_folder`, with a warning saying which)."""
     path = os.fspath(path)
+    _warn_recovered(recover_folder(path))
     if os.path.isfile(path):
         if path.endswith(PICKLE_SUFFIXES):
             raise ValueError(f"{path}: only safetensors checkpoints are supported (pickle files are never loaded)")
@@ -289,31 +298,62 @@ def _checkpoint_folder(path: str | os.PathLike) -> str:
     return path
 
 
+def _warn_recovered(message: str | None) -> None:
+    if message is not None:
+        warnings.warn(message, stacklevel=3)
+
+
+def inside_folder(folder: str, name: str, what: str) -> str:
+    """The path of file `name` (read from a checkpoint's `what`) in `folder`; ValueError if it is not a relative
+    path that stays inside the folder once `..` and symlinks are resolved."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what}: file names must be non-empty strings, got {name!r}")
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.isabs(name) or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{what}: {name!r} leaves the checkpoint folder {root} (absolute path, '..' or a symlink "
+                         "out); only files inside the folder are read")
+    return path
+
+
 def _mtp_layers_in(keys: list[str], n_layers: int) -> list[int]:
     """The layer indices >= n_layers (MTP layers, hub convention) that the checkpoint holds."""
     return sorted({int(m[1]) for k in keys if (m := _HUB_LAYER_RE.match(k)) and int(m[1]) >= n_layers})
 
 
+def _check_layer_count(cfg: ModelConfig, keys: list[str], strict: bool) -> None:
+    """Only the layers n_layers .. n_layers + n_mtp_layers - 1 are MTP modules: a checkpoint holding layers beyond
+    them has more blocks than config.json declares (ValueError; a warning with strict=False, and they are ignored)."""
+    n, m = cfg.n_layers, cfg.n_mtp_layers
+    beyond = [i for i in _mtp_layers_in(keys, n) if i >= n + m]
+    if not beyond:
+        return
+    mtp = f"only layers {n}..{n + m - 1} can be MTP modules" if m else "no layer is an MTP module"
+    message = (f"the checkpoint holds model.layers.{beyond} but config.json declares num_hidden_layers={n} and "
+               f"num_nextn_predict_layers={m}, so {mtp}: the config leaves out layers the checkpoint has (is "
+               "num_hidden_layers too small?)")
+    if strict:
+        raise ValueError(f"from_pretrained: {message}")
+    warnings.warn(f"from_pretrained(strict=False): {message}; they are ignored", stacklevel=3)
+
+
 def _resolve_mtp(cfg: ModelConfig, keys: list[str], load_mtp: bool | None) -> ModelConfig:
     """The config to build: MTP modules iff requested (load_mtp) or, by default, iff config.json declares them and
     the checkpoint stores them. Warns whenever MTP weights or a declared MTP layer are skipped."""
-    stored = _mtp_layers_in(keys, cfg.n_layers)
+    stored = [i for i in _mtp_layers_in(keys, cfg.n_layers) if i < cfg.n_layers + cfg.n_mtp_layers]
     names = ", ".join(f"model.layers.{i}" for i in stored)
     if load_mtp is True:
         if cfg.n_mtp_layers == 0:
             raise ValueError("load_mtp=True but config.json declares num_nextn_predict_layers=0 (no MTP module)")
         return cfg
     if load_mtp is False:
-        if cfg.n_mtp_layers or stored:
+        if cfg.n_mtp_layers:
             warnings.warn(f"from_pretrained: skipping the MTP layer(s) [{names}] (load_mtp=False); the model is built "
                           "with n_mtp_layers=0", stacklevel=3)
         return cfg.replace(n_mtp_layers=0)
     if load_mtp is not None:
         raise ValueError(f"load_mtp must be None, True or False, got {load_mtp!r}")
     if cfg.n_mtp_layers == 0:
-        if stored:
-            warnings.warn(f"from_pretrained: config.json declares no MTP module (num_nextn_predict_layers=0), so the "
-                          f"checkpoint's MTP layer(s) [{names}] are skipped", stacklevel=3)
         return cfg
     if not stored:
         warnings.warn(f"from_pretrained: config.json declares num_nextn_predict_layers={cfg.n_mtp_layers} but the "
@@ -343,7 +383,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     folder = _checkpoint_folder(path)
     cfg = ModelConfig.from_hf(folder)
     reader = _SafetensorsReader(folder)
+    declared = cfg
     cfg = _resolve_mtp(cfg, list(reader.shapes), load_mtp)
+    _check_layer_count(declared, list(reader.shapes), strict)
     with torch.device("meta"):
         model = Transformer(cfg)
     plan = _plan(reader, cfg, {name: tuple(t.shape) for name, t in model.state_dict().items()})
@@ -427,11 +469,17 @@ def _load_state(plan: _LoadPlan, reader: _SafetensorsReader, cfg: ModelConfig, d
     for name, (key, pick) in plan.sources.items():
         by_key.setdefault(key, []).append((name, pick))
     state: dict[str, torch.Tensor] = {}
+    non_finite = []
     for key, targets in by_key.items():
         t = reader.get(key)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            non_finite.append(key)
         for name, pick in targets:
             state[name] = cast(name, t if pick is None else pick(t).clone())
         del t
+    if non_finite:
+        raise ValueError(f"from_pretrained({reader.folder!r}): NaN or infinite values in tensor(s) "
+                         f"{_list_keys(non_finite)} (a damaged or diverged checkpoint)")
     for key, main in plan.duplicates:
         if main in state and not torch.equal(cast(main, reader.get(key)), state[main]):
             warnings.warn(f"from_pretrained: {key} differs from {hub_key(main, cfg.n_layers)}; the MTP module shares "
@@ -468,12 +516,9 @@ def _plan_fused(key: str, shape: tuple[int, ...], kind: str, prefix: str, n_laye
 
 # ------------------------------------------------------------------ writing
 def _write_json(path: str, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    write_file(path, write)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
@@ -483,18 +528,53 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
     size, shards `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json` (a tensor larger than
     the limit gets a shard of its own). Routed experts are stored per expert; each MTP module is stored as
     `model.layers.{n_layers + k}` with its copies of `embed_tokens` and `shared_head.head`, as on the hub.
-    Every file is written to a temporary name and renamed into place; stale weight files of the other layout
-    are removed.
+    The folder is written crash-safely (`io.atomic.write_folder`: a new folder, synced, renamed into place); the
+    other files of a folder already at `path` (a tokenizer, a README, a training state) are kept, its weight files
+    and config are replaced.
     """
+    _check_saveable(model, max_shard_bytes)
+    old = os.path.realpath(os.fspath(path))
+    if os.path.exists(old) and not os.path.isdir(old):
+        raise ValueError(f"save_pretrained: {old} exists and is not a folder")
+    _warn_recovered(recover_folder(old))
+
+    def write(folder: str) -> None:
+        if os.path.isdir(old):
+            for name in os.listdir(old):
+                if name not in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME) and not _SHARD_RE.match(name):
+                    _keep(os.path.join(old, name), os.path.join(folder, name))
+        write_pretrained(model, folder, max_shard_bytes)
+
+    write_folder(old, write)
+
+
+def _keep(src: str, dst: str) -> None:
+    """Carry `src` over into the new folder: a hard link (no copy) where the file system allows it."""
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True)
+    elif os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def _check_saveable(model: torch.nn.Module, max_shard_bytes: int | None) -> None:
     if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
                                         or max_shard_bytes <= 0):
         raise ValueError(f"max_shard_bytes must be a positive integer or None, got {max_shard_bytes!r}")
-    tensors = hub_state_dict(model)
-    meta = [k for k, t in tensors.items() if t.is_meta]
+    meta = [k for k, t in model.state_dict().items() if t.is_meta]
     if meta:
         raise ValueError(f"save_pretrained: tensor(s) on the meta device have no data, {_list_keys(meta)}")
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+
+
+def write_pretrained(model: torch.nn.Module, folder: str, max_shard_bytes: int | None = None) -> None:
+    """The files of `save_pretrained` written straight into `folder`, a new folder of a crash-safe write
+    (`io.atomic.write_folder`; the trainer's checkpoint adds its own files beside them)."""
+    _check_saveable(model, max_shard_bytes)
+    tensors = hub_state_dict(model)
     shards = _shard(tensors, max_shard_bytes)
     n_layers = model.config.n_layers
 
@@ -502,11 +582,10 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
         # safetensors refuses tensors sharing storage: the MTP layer's copies of embed/head are cloned
         data = {k: (tensors[k].detach().cpu().clone() if _is_mtp_copy(k, n_layers)
                     else tensors[k].detach().cpu().contiguous()) for k in keys}
-        write_file(os.path.join(path, file), lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+        save_file(data, os.path.join(folder, file), metadata={"format": "pt"})
 
     if len(shards) == 1:
         write_shard(shards[0], WEIGHTS_NAME)
-        written = {WEIGHTS_NAME}
     else:
         files = [SHARD_NAME.format(i + 1, len(shards)) for i in range(len(shards))]
         weight_map = {}
@@ -514,12 +593,8 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
             write_shard(keys, file)
             weight_map.update(dict.fromkeys(keys, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(os.path.join(path, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
-        written = set(files) | {INDEX_NAME}
-    for stale in os.listdir(path):
-        if stale not in written and (stale in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(stale)):
-            os.unlink(os.path.join(path, stale))
-    _write_json(os.path.join(path, CONFIG_NAME), model.config.to_hf())
+        _write_json(os.path.join(folder, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(os.path.join(folder, CONFIG_NAME), model.config.to_hf())
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[list[str]]:

@@ -95,12 +95,18 @@ class Transformer(nn.Module):
                 b.zero_()
 
     # ------------------------------------------------------------------ forward
-    def freqs_cis(self, device: torch.device) -> torch.Tensor:
-        """(max_seq_len, d_r/2) complex64 RoPE/YaRN rotations, computed once per device (not a buffer: it must stay
-        complex64 whatever dtype the weights are cast to)."""
+    def freqs_cis(self, device: torch.device, n_positions: int | None = None) -> torch.Tensor:
+        """(L, d_r/2) complex64 RoPE/YaRN rotations for positions 0 .. L-1, L >= n_positions (default: all
+        max_seq_len), cached per device (not a buffer: it must stay complex64 whatever dtype the weights are cast
+        to). The table grows by doubling as longer sequences come, up to max_seq_len: a config allowing 4M positions
+        costs nothing for a short prompt. Each entry is the same whatever the table's length."""
         device = torch.device(device)
-        if device not in self._freqs:
-            self._freqs[device] = precompute_freqs_cis(self.config).to(device)
+        max_len = self.config.max_seq_len
+        n = max_len if n_positions is None else n_positions
+        table = self._freqs.get(device)
+        if table is None or table.size(0) < n:
+            self._freqs[device] = precompute_freqs_cis(self.config, min(max_len, 1 << max(n - 1, 0).bit_length())
+                                                       ).to(device)
         return self._freqs[device]
 
     def check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
@@ -131,7 +137,7 @@ class Transformer(nn.Module):
             raise ValueError(f"cache holds batch {cache.batch_size} x {cache.max_len} positions; got batch {B} "
                              f"and positions up to {start_pos + S}")
         h = self.embed(tokens)  # (B, S, dim)
-        freqs = self.freqs_cis(h.device)[start_pos:start_pos + S]
+        freqs = self.freqs_cis(h.device, start_pos + S)[start_pos:start_pos + S]
         mask = causal_mask(S, start_pos, h.device)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, mask, None if cache is None else cache.layers[i], start_pos, attn_impl)

@@ -68,7 +68,7 @@ def mtp_hidden_states(model: nn.Module, tokens: torch.Tensor, hidden: torch.Tens
         hidden = model.hidden_states(tokens, attn_impl=attn_impl)  # (B, T, dim)
     attn_impl = attn_impl or model.config.attn_impl
     T = tokens.size(1)
-    freqs = model.freqs_cis(hidden.device)  # (max_seq_len, d_r / 2)
+    freqs = model.freqs_cis(hidden.device, T)  # (>= T, d_r / 2)
     h, out = hidden, []
     for k, module in enumerate(model.mtp, start=1):
         S = T - k

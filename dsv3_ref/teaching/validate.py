@@ -45,7 +45,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from ..io.checkpoint import from_pretrained, save_pretrained
+from ..io.atomic import write_folder
+from ..io.checkpoint import from_pretrained, write_pretrained
 from ..nn.model import Transformer
 from ..nn.moe import MoE
 from ..objectives.mtp import mtp_hidden_states
@@ -189,15 +190,24 @@ def expected_outputs(name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def export_reference(name: str, folder: str | os.PathLike) -> Path:
+def export_reference(name: str, folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write reference `name` as a hub-format checkpoint (config.json + model.safetensors) plus tokens.safetensors
-    (key `tokens`, the inputs to run) into `folder`."""
+    (key `tokens`, the inputs to run) into `folder`, crash-safely (`io.atomic.write_folder`). A non-empty folder
+    that is not an earlier export (no tokens.safetensors), a training checkpoint say, is replaced only with
+    overwrite=True."""
     model, tokens = reference_model(name), reference_tokens(name)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"export: {str(folder)!r} exists and is not a folder")
-    save_pretrained(model, folder)
-    save_file({"tokens": tokens}, str(folder / TOKENS_FILE), metadata={"reference": name})
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / TOKENS_FILE).is_file() and not overwrite:
+        raise ValueError(f"export: {str(folder)!r} is not empty and is not a reference export (no {TOKENS_FILE}); "
+                         "refusing to replace it (validate --export-reference ... --overwrite to replace it)")
+
+    def write(tmp: str) -> None:
+        write_pretrained(model, tmp)
+        save_file({"tokens": tokens}, os.path.join(tmp, TOKENS_FILE), metadata={"reference": name})
+
+    write_folder(folder, write)
     return folder
 
 

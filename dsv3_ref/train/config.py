@@ -57,14 +57,18 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             need(is_int(getattr(self, name)) and getattr(self, name) >= 0,
                  f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        need(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
-        need(isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr,
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(self.seed < 2**63, f"seed must be < 2**63 (a torch generator's seed), got {self.seed!r}")
+        need(is_num(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}")
+        need(is_num(self.min_lr) and 0 <= self.min_lr <= self.lr,
              f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
         for name in ("weight_decay", "grad_clip"):
-            need(isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0,
-                 f"{name} must be >= 0 (grad_clip 0 = no clipping), got {getattr(self, name)!r}")
-        need(isinstance(self.eps, (int, float)) and self.eps > 0, f"eps must be > 0, got {self.eps!r}")
-        need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+            need(is_num(getattr(self, name)) and getattr(self, name) >= 0,
+                 f"{name} must be a finite number >= 0 (grad_clip 0 = no clipping), got {getattr(self, name)!r}")
+        need(is_num(self.eps) and self.eps > 0, f"eps must be a finite number > 0, got {self.eps!r}")
+        need(len(self.betas) == 2 and all(is_num(b) and 0 <= b < 1 for b in self.betas),
              f"betas must be two numbers in [0, 1), got {self.betas!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(isinstance(self.data, str) and bool(self.data),

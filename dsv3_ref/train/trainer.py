@@ -23,6 +23,7 @@ import json
 import os
 import random
 import time
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -34,8 +35,8 @@ from tqdm.auto import tqdm
 from ..config import ModelConfig
 from ..data import CorpusData, TextFileData, TokenData
 from ..fp8.linear import convert_to_fp8
-from ..io.atomic import write_folder
-from ..io.checkpoint import from_pretrained, save_pretrained
+from ..io.atomic import recover_folder, write_folder
+from ..io.checkpoint import from_pretrained, write_pretrained
 from ..nn.model import Transformer
 from ..objectives.lm import cross_entropy
 from .config import TrainConfig, lr_at
@@ -148,6 +149,9 @@ class Trainer:
                         terms[name] = value
             ce = cross_entropy(logits, targets)
             loss = ce + sum(t.float() for t in terms.values())
+            if not torch.isfinite(loss):
+                raise ValueError(f"step {self.step + 1}: the loss is {loss.item()} (train_loss {ce.item()}); training "
+                                 "stopped, the last checkpoint saved is kept (is lr too large?)")
             (loss / cfg.grad_accum).backward()
             for name, value in {"train_loss": ce, **terms}.items():
                 out[name] = out.get(name, 0.0) + value.item() / cfg.grad_accum
@@ -179,6 +183,8 @@ class Trainer:
             out: str | os.PathLike | None = None) -> list[dict[str, float]]:
         """Train until `stop_at` (default cfg.steps) optimiser steps are done, first resuming from a checkpoint
         folder if given; with `out`, save a checkpoint there every `save_every` steps and at the end."""
+        if out is not None:
+            check_out_folder(out)  # before the first step, so that no work is lost to a bad path
         if resume_from is not None:
             self.resume(resume_from)
         cfg = self.cfg
@@ -227,17 +233,16 @@ class Trainer:
         return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the checkpoint folder `path` atomically (`io.atomic.write_folder`): if anything fails, a checkpoint
-        already at `path` is left as it was."""
-        path = os.path.abspath(os.fspath(path))
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{path} exists and is not a folder: a checkpoint is a folder")
-        if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, TRAIN_STATE_NAME)):
-            raise ValueError(f"{path} exists and is not a training checkpoint: refusing to overwrite it")
-        write_folder(path, self._write_checkpoint)
+        """Write the checkpoint folder `path` crash-safely (`io.atomic.write_folder`): if anything fails, or the
+        process is killed, a checkpoint already at `path` is left as it was, or the next load finds the new one."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise ValueError(f"step {self.step}: non-finite weights in {bad[:5]}; not saved, the last checkpoint "
+                             "saved is kept (is lr too large?)")
+        _recovered(write_folder(check_out_folder(path), self._write_checkpoint))
 
     def _write_checkpoint(self, folder: str) -> None:
-        save_pretrained(self.model, folder)
+        write_pretrained(self.model, folder)
         save_file(self._state_tensors(), os.path.join(folder, TRAIN_STATE_NAME), metadata=self._state_metadata())
         with open(os.path.join(folder, TRAIN_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(self.cfg.to_dict(), f, indent=2)
@@ -263,6 +268,7 @@ class Trainer:
         Training then continues exactly as the uninterrupted run would. The model must have the checkpoint's
         config (ValueError naming the differing fields otherwise); a damaged checkpoint raises ValueError."""
         path = os.fspath(path)
+        _recovered(recover_folder(path))
         state_file = os.path.join(path, TRAIN_STATE_NAME)
         if not os.path.isfile(state_file):
             raise ValueError(f"{path}: not a training checkpoint (no {TRAIN_STATE_NAME})")
@@ -275,10 +281,14 @@ class Trainer:
             saved_cfg = json.loads(meta["model_config"])
             python_random = json.loads(meta["python_random"])
             history, acc = json.loads(meta["history"]), json.loads(meta["log_accumulator"])
-            step = int(tensors.pop("step"))
-            rng_torch, rng_data = tensors.pop("rng.torch"), tensors.pop("rng.data")
+            step_t, rng_torch, rng_data = tensors.pop("step"), tensors.pop("rng.torch"), tensors.pop("rng.data")
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise ValueError(f"{state_file}: damaged training state ({type(e).__name__}: {e})") from None
+        if not isinstance(saved_cfg, dict):
+            raise ValueError(f"{state_file}: model_config must be an object of ModelConfig fields, got "
+                             f"{type(saved_cfg).__name__}")
+        step = self._check_state(state_file, step_t, history, acc, rng_torch, rng_data)
+        python_random = _python_random_state(state_file, python_random)
         ours = self.model.config.to_dict()
         differ = sorted(k for k in set(ours) | set(saved_cfg) if ours.get(k) != saved_cfg.get(k))
         if differ:
@@ -286,25 +296,99 @@ class Trainer:
             raise ValueError(f"{path}: the checkpoint was trained with a different model config ({detail})")
         loaded = from_pretrained(path, dtype=self.model.embed.weight.dtype)  # ValueError if damaged
         self.model.load_state_dict(loaded.state_dict())
-        names = self._param_names()
-        optim_state: dict[int, dict[str, torch.Tensor]] = {}
-        for i, name in enumerate(names):
-            keys = {k for k in tensors if k.startswith(f"optimizer.{name}.")}
-            if keys:
-                optim_state[i] = {k[len(f"optimizer.{name}."):]: tensors.pop(k) for k in keys}
-        if tensors:
-            raise ValueError(f"{state_file}: unexpected tensor(s) {sorted(tensors)[:5]} (a different model?)")
         sd = self.optimizer.state_dict()
-        sd["state"] = optim_state
+        sd["state"] = self._optimizer_state(state_file, tensors)
         self.optimizer.load_state_dict(sd)
         self.step, self.history, self._acc = step, history, acc
         torch.set_rng_state(rng_torch)
         self.generator.set_state(rng_data)
-        random.setstate((python_random[0], tuple(python_random[1]), python_random[2]))
+        random.setstate(python_random)
+
+    def _check_state(self, state_file: str, step: torch.Tensor, history: Any, acc: Any, rng_torch: torch.Tensor,
+                     rng_data: torch.Tensor) -> int:
+        """The step, after checking every field of a training state (ValueError naming the file and the field)."""
+        def bad(field: str, what: str) -> ValueError:
+            return ValueError(f"{state_file}: {field} {what}")
+
+        if step.dim() != 0 or step.dtype != torch.int64 or int(step) < 0:
+            raise bad("step", f"must be a non-negative int64 scalar, got {step.tolist()!r} ({step.dtype})")
+        if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+            raise bad("history", f"must be a list of objects, got {type(history).__name__}")
+        if not (isinstance(acc, dict) and all(isinstance(v, (int, float)) for v in acc.values())):
+            raise bad("log_accumulator", f"must be an object of numbers, got {type(acc).__name__}")
+        for field, got, want in (("rng.torch", rng_torch, torch.get_rng_state()),
+                                 ("rng.data", rng_data, self.generator.get_state())):
+            if got.dtype != want.dtype or got.shape != want.shape:
+                raise bad(field, f"must be a {want.dtype} tensor of shape {tuple(want.shape)}, got {got.dtype} "
+                                 f"{tuple(got.shape)}")
+        return int(step)
+
+    def _optimizer_state(self, state_file: str, tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, Any]]:
+        """AdamW's state by parameter position from the `optimizer.{name}.{key}` tensors: each parameter has all of
+        step (a scalar), exp_avg and exp_avg_sq (its shape), or none of them (before the first step)."""
+        params = dict(self.model.named_parameters())
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for i, name in enumerate(self._param_names()):
+            prefix = f"optimizer.{name}."
+            found = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+            if not found:
+                continue
+            p = params[name]
+            want = {"step": ((), torch.float32), "exp_avg": (tuple(p.shape), p.dtype),
+                    "exp_avg_sq": (tuple(p.shape), p.dtype)}
+            got = {k: (tuple(t.shape), t.dtype) for k, t in found.items()}
+            if got != want or not float(found["step"]) >= 0:
+                raise ValueError(f"{state_file}: optimizer state of {name} must be {want} (key: shape, dtype) with "
+                                 f"step >= 0, got {got}")
+            state[i] = found
+        if tensors:
+            raise ValueError(f"{state_file}: unexpected tensor(s) {sorted(tensors)[:5]} (a different model?)")
+        return state
+
+
+def _python_random_state(state_file: str, saved: Any) -> tuple:
+    """The `random.setstate` tuple from its JSON form [version, [625 ints], gauss]; ValueError if it is not one."""
+    probe = random.Random()
+    try:
+        version, internal, gauss = saved
+        state = (version, tuple(internal), gauss)
+        probe.setstate(state)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{state_file}: python_random is not a saved random state ({type(e).__name__}: {e})"
+                         ) from None
+    return state
+
+
+def _recovered(message: str | None) -> None:
+    """Say that an interrupted save was finished or undone (`io.atomic.recover_folder`)."""
+    if message is not None:
+        warnings.warn(message, stacklevel=3)
+
+
+def check_out_folder(path: str | os.PathLike) -> str:
+    """The absolute path a checkpoint will be saved to, checked before any training: ValueError if it is a file, a
+    non-empty folder that is not a training checkpoint (never overwritten), or in a folder this process cannot
+    write into. A symlink is followed: the folder it points to is the checkpoint, replaced on each save, and the link
+    keeps pointing to it."""
+    path = os.path.realpath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path} exists and is not a folder: a checkpoint is a folder")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, TRAIN_STATE_NAME)):
+        raise ValueError(f"--out {path} exists and is not a training checkpoint (no {TRAIN_STATE_NAME}): refusing "
+                         "to overwrite it")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):  # the nearest folder that exists: the save creates the rest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: no permission to write in {parent}")
+    return path
 
 
 def read_train_config(path: str | os.PathLike) -> TrainConfig:
     """The `train_config.json` of a checkpoint folder."""
+    _recovered(recover_folder(path))
     file = os.path.join(os.fspath(path), TRAIN_CONFIG_NAME)
     try:
         with open(file, encoding="utf-8") as f:
@@ -315,6 +399,7 @@ def read_train_config(path: str | os.PathLike) -> TrainConfig:
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """The exact `ModelConfig` a checkpoint folder was trained with (kept in its training state)."""
+    _recovered(recover_folder(path))
     file = os.path.join(os.fspath(path), TRAIN_STATE_NAME)
     try:
         with safe_open(file, framework="pt") as f:
