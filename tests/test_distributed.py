@@ -135,3 +135,26 @@ def test_one_process_resumes_a_two_process_checkpoint(runs, name):
 def test_impossible_layouts_are_refused(batch_size, expert_parallel, world, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         check_layout(ModelConfig(), batch_size, world, expert_parallel)
+
+
+def test_torchrun_cli_trains_data_and_expert_parallel_and_reports_once(tmp_path):
+    """`torchrun --nproc-per-node 2 -m dsv3_ref train ... --expert-parallel`: rank 0 alone prints, and the
+    checkpoint is the one-process hub format."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsv3_ref",
+           "train", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "16", "--eval-every", "0",
+           "--eval-batches", "1", "--no-progress", "--expert-parallel", "--bias-gamma", "0.001",
+           "--out", str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("step 2: train loss") == 1 and proc.stdout.count("checkpoint: ") == 1, proc.stdout
+    model = from_pretrained(tmp_path / "ckpt")
+    assert len(model.layers[1].ffn.experts) == 8  # both ranks' experts
+    assert model.layers[1].ffn.gate.bias.abs().sum() > 0  # the balancing hook ran
+
+
+def test_expert_parallel_needs_torchrun(tmp_path, capsys):
+    from dsv3_ref.cli import main
+
+    assert main(["train", "--preset", "tiny", "--steps", "1", "--expert-parallel", "--out", str(tmp_path)]) == 2
+    assert "--expert-parallel needs a torchrun job of 2 or more processes" in capsys.readouterr().err
