@@ -16,6 +16,7 @@ import torch
 
 from .config import ATTN_IMPLS, PRESETS, ModelConfig
 from .data import bits_per_byte
+from .fp8.gemm import GEMMS
 from .inference.generate import generate_text
 from .io.checkpoint import from_pretrained
 from .nn.model import Transformer
@@ -28,7 +29,7 @@ from .train.trainer import read_model_config, read_train_config
 # `train` flags: every TrainConfig field with a scalar default (betas, a pair, is not one), with its type
 TRAIN_FLAGS = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig) if type(f.default) in (int, float, str)}
 _TRAIN_FLAG_HELP = {"data": dict(help="'corpus' (default) or the path of a UTF-8 text file"),
-                    "precision": dict(choices=PRECISIONS)}
+                    "precision": dict(choices=PRECISIONS), "fp8_gemm": dict(choices=GEMMS)}
 
 
 # ---------------------------------------------------------------------------------------------- info

@@ -113,7 +113,7 @@ class Trainer:
             check_layout(mcfg, cfg.batch_size, parallel.world_size, parallel.expert_parallel)
             parallel.prepare(model)
         if cfg.precision == "fp8":
-            convert_to_fp8(model)
+            convert_to_fp8(model, gemm=cfg.fp8_gemm)
         self.device = next(model.parameters()).device
         self._ddp = None if parallel is None else parallel.wrap(MicroStep(model, self._micro_forward), model)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
