@@ -158,3 +158,12 @@ def test_expert_parallel_needs_torchrun(tmp_path, capsys):
 
     assert main(["train", "--preset", "tiny", "--steps", "1", "--expert-parallel", "--out", str(tmp_path)]) == 2
     assert "--expert-parallel needs a torchrun job of 2 or more processes" in capsys.readouterr().err
+
+
+def test_expert_aux_loss_refuses_data_parallelism():
+    from types import SimpleNamespace
+
+    from dsv3_ref.train import ExpertAuxLoss
+
+    with pytest.raises(ValueError, match="under data parallelism each rank sees only its share"):
+        ExpertAuxLoss().on_train_start(SimpleNamespace(parallel=object()))

@@ -102,11 +102,17 @@ class SequenceBalanceLoss(TrainHook):
 
 
 class ExpertAuxLoss(TrainHook):
-    """Adds `aux_loss` = sum over MoE layers of `expert_aux_loss` to each micro-batch's loss (the baseline)."""
+    """Adds `aux_loss` = sum over MoE layers of `expert_aux_loss` to each micro-batch's loss (the baseline). One
+    process only: its f_i counts the whole micro-batch, which a data-parallel rank does not see."""
 
     def __init__(self, alpha: float = 1e-3):
         self.alpha = alpha
         self._fresh = FreshRoutings()
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.parallel is not None:
+            raise ValueError("ExpertAuxLoss counts f_i over the whole micro-batch; under data parallelism each rank "
+                             "sees only its share (not supported: use SequenceBalanceLoss or LossFreeBalancing)")
 
     def loss_terms(self, trainer, tokens, targets, hidden, logits) -> dict[str, torch.Tensor]:
         losses = [expert_aux_loss(r, self.alpha) for _, _, r in self._fresh(trainer.model)]
