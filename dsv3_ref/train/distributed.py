@@ -110,8 +110,9 @@ class Parallel:
         ignore = [f"model.{n}" for n, _ in model.named_parameters() if self.is_expert(n)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, ignore)
         # experts idle on a rank get no gradient there: find_unused_parameters lets DDP complete the reduction;
-        # buffers (the gates' biases) are not broadcast: every rank computes the same update itself
-        return DistributedDataParallel(step, find_unused_parameters=True, broadcast_buffers=False)
+        # buffers (the gates' biases) are synced once at construction, never after: every rank computes the same
+        # update itself
+        return DistributedDataParallel(step, find_unused_parameters=True, forward_sync_buffers=False)
 
     def finish_gradients(self, model: nn.Module) -> None:
         """After the step's last backward: an expert-parallel expert's gradient is the sum over the ranks' losses;
