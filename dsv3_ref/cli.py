@@ -17,18 +17,20 @@ import torch
 
 from .config import ATTN_IMPLS, PRESETS, ModelConfig
 from .data import bits_per_byte
+from .fp8.gemm import GEMMS
 from .inference.generate import generate_text
 from .io.checkpoint import from_pretrained
 from .nn.model import Transformer
 from .systems.accounting import check_counts, report, resolve_config
 from .teaching import validate
-from .train import PRECISIONS, TRAIN_PRESETS, TrainConfig, Trainer
+from .train import PRECISIONS, TRAIN_PRESETS, LossFreeBalancing, TrainConfig, Trainer
+from .train.distributed import Parallel, torchrun_world
 from .train.trainer import read_model_config, read_train_config
 
 # `train` flags: every TrainConfig field with a scalar default (betas, a pair, is not one), with its type
 TRAIN_FLAGS = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig) if type(f.default) in (int, float, str)}
 _TRAIN_FLAG_HELP = {"data": dict(help="'corpus' (default) or the path of a UTF-8 text file"),
-                    "precision": dict(choices=PRECISIONS)}
+                    "precision": dict(choices=PRECISIONS), "fp8_gemm": dict(choices=GEMMS)}
 
 
 # ---------------------------------------------------------------------------------------------- info
@@ -68,6 +70,12 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; with --precision fp8 a GPU with FP8 "
                    "tensor cores runs real FP8 GEMMs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--bias-gamma", type=float, default=None,
+                   help="auxiliary-loss-free balancing: update the gates' biases by this speed after every step "
+                        "(the report: 0.001; default: no balancing)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: split every MoE layer's routed experts over the processes (all of them "
+                        "also data-parallel)")
     p.set_defaults(func=_run_train)
 
 
@@ -95,19 +103,38 @@ def _train_configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
     return TrainConfig.for_preset(preset, **overrides), ModelConfig.from_preset(preset)
 
 
+def _parallel(args: argparse.Namespace, device: torch.device) -> tuple[Parallel | None, torch.device]:
+    """In a torchrun job of 2+ processes: join it (gloo on CPU, NCCL with one GPU per process: cuda:LOCAL_RANK)."""
+    _, world, local_rank = torchrun_world()
+    if world == 1:
+        if args.expert_parallel:
+            raise ValueError("--expert-parallel needs a torchrun job of 2 or more processes (torchrun "
+                             "--nproc-per-node N -m dsv3_ref train ...)")
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return Parallel.init(device, args.expert_parallel), device
+
+
 def _run_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if not 1 <= args.threads <= 1024:
             raise ValueError(f"--threads must be an integer in [1, 1024], got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg, model_cfg = _train_configs(args)
-    device = _device(args.device)
+    parallel, device = _parallel(args, _device(args.device))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)  # saved in the training state: seeded, so that two identical runs write the same state
     model = Transformer(model_cfg)
     model.reset_parameters(cfg.seed)  # on the CPU, so that a seed gives the same weights on every device
-    trainer = Trainer(model.to(device), cfg, progress=not args.no_progress)
+    hooks = [] if args.bias_gamma is None else [LossFreeBalancing(args.bias_gamma)]
+    trainer = Trainer(model.to(device), cfg, hooks=hooks, progress=not args.no_progress, parallel=parallel)
     trainer.fit(resume_from=args.resume, out=args.out)
+    if parallel is not None:
+        torch.distributed.destroy_process_group()
+        if parallel.rank != 0:
+            return 0  # rank 0 reports
     last = trainer.history[-1]
     val = last.get("val_loss", float("nan"))
     print(f"step {trainer.step}: train loss {last['train_loss']:.4f} ({bits_per_byte(last['train_loss']):.3f} "

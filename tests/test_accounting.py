@@ -344,3 +344,29 @@ def test_cli_info_bad_model(capsys):
     assert main(["info", "700B"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model '700B'") and "'671B'" in err
+
+
+def test_training_state_bytes_by_hand():
+    """tiny: 217,616 parameters (MTP none), of which 2 MoE layers x 8 experts x 3 x 64 x 32 routed and 2 x 8 bias
+    buffers; 16 bytes per parameter, 4 per bias; EP = 8 keeps one expert per layer."""
+    training_state_bytes = acc.training_state_bytes
+    cfg = ModelConfig.from_preset("tiny")
+    routed, biases = 2 * 8 * 3 * 64 * 32, 2 * 8
+    one = training_state_bytes(cfg)
+    assert one == {"replicated": (217_616 - routed - biases) * 16 + biases * 4, "routed_experts": routed * 16,
+                   "total": (217_616 - biases) * 16 + biases * 4}
+    assert training_state_bytes(cfg, ep_size=8)["routed_experts"] == routed * 16 // 8
+    with pytest.raises(ValueError, match="ep_size must be a positive divisor of n_routed_experts"):
+        training_state_bytes(cfg, ep_size=3)
+
+
+def test_scaling_doc_memory_table_is_the_accounting_modules():
+    """docs/scaling.md's per-rank memory table is `training_memory_table` over the presets, not typed in."""
+    import re
+    from pathlib import Path
+
+    from dsv3_ref.config import PRESETS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text(encoding="utf-8")
+    table = re.search(r"<!-- memory-table[^\n]*-->\n(.*?)\n<!-- /memory-table -->", doc, re.S).group(1)
+    assert table == acc.training_memory_table({name: ModelConfig.from_preset(name) for name in PRESETS})

@@ -57,10 +57,17 @@ def _groups_used(indices: torch.Tensor, per_group: int) -> torch.Tensor:
 
 
 class _Trainer:
-    """What the hooks read from a `Trainer`, for driving a hook by hand: model, step (done), tokens_per_step."""
+    """What the hooks read from a `Trainer`, for driving a hook by hand: model, step (done), tokens_per_step, and
+    the sums over data-parallel ranks (one process here: unchanged)."""
 
     def __init__(self, model, tokens_per_step: int = 0):
-        self.model, self.step, self.tokens_per_step = model, 0, tokens_per_step
+        self.model, self.step, self.tokens_per_step, self.parallel = model, 0, tokens_per_step, None
+
+    def sum_over_ranks(self, tensors):
+        return tensors
+
+    def mean_over_ranks(self, values):
+        return values
 
 
 def _tiny_model(seed: int = 0, **overrides) -> Transformer:

@@ -24,7 +24,17 @@ from dsv3_ref.fp8.formats import (
     round_to_fp8_,
     to_float,
 )
-from dsv3_ref.fp8.gemm import _align, _truncate, accumulation_error, fp8_capable, fp8_gemm
+from dsv3_ref.fp8.gemm import (
+    _align,
+    _row_group_scales,
+    _truncate,
+    accumulation_error,
+    blockwise_capable,
+    blockwise_gemm,
+    fp8_capable,
+    fp8_gemm,
+    tensor_core_gemm,
+)
 from dsv3_ref.fp8.linear import GEMM_TYPES, FP8Linear, InputQuantCache, convert_to_fp8
 
 
@@ -480,3 +490,96 @@ def test_tensor_core_model_matches_cuda(k):
         identical = (real == model).double().mean().item()
         assert identical > (0.99 if promote_every is None else 0.85), (promote_every, identical)
         torch.testing.assert_close(real, model, rtol=2.0 ** -12, atol=0)  # the rest: one 14-bit unit
+
+
+# ---------------------------------------------------------------------------------------------- the blockwise path
+def _emulated_blockwise_scaled_mm(mat_a, mat_b, scale_a, recipe_a, scale_b, recipe_b, output_dtype):
+    """What cuBLAS's blockwise `F.scaled_mm` computes, from the layouts torch's own tests give it (1x128 scales
+    (rows, K/128) outer-dim-major, b's passed transposed (K/128, N); 128x128 scales (N/128, K/128), K blocks padded
+    to 4, passed transposed; mat_b column-major): asserts those layouts, then dequantises and multiplies in
+    float64. torch 2.13 has no CPU kernel for these recipes, so this checks the plumbing on the CPU."""
+    (M, K), N = mat_a.shape, mat_b.shape[1]
+    kb = K // 128
+    assert mat_a.is_contiguous() and mat_b.t().is_contiguous() and M % 16 == 0 and K % 128 == 0
+    assert recipe_a == F.ScalingType.BlockWise1x128 and scale_a.shape == (M, kb) and scale_a.stride(0) == 1
+    sa = scale_a.double().repeat_interleave(128, 1)  # (M, K)
+    if recipe_b == F.ScalingType.BlockWise128x128:
+        assert N % 128 == 0 and scale_b.shape == (kb + -kb % 4, N // 128)
+        sb = scale_b[:kb].double().repeat_interleave(128, 0).repeat_interleave(128, 1)  # (K, N)
+    else:
+        assert recipe_b == F.ScalingType.BlockWise1x128 and scale_b.shape == (kb, N) and scale_b.is_contiguous()
+        sb = scale_b.double().repeat_interleave(128, 0)
+    return ((to_float(mat_a).double() * sa) @ (to_float(mat_b).double() * sb)).to(output_dtype)
+
+
+@pytest.mark.parametrize("b_block", ["128x128", "1x128"])
+@pytest.mark.parametrize("m, n, k", [(50, 200, 300), (128, 256, 256), (7, 130, 100)])
+def test_blockwise_gemm_plumbing_matches_the_reference(monkeypatch, m, n, k, b_block):
+    """One `F.scaled_mm` call (emulated here) = the faithful per-group GEMM on the same inputs: padding, scale
+    layouts and transposes are right for ragged M, N, K."""
+    monkeypatch.setattr(F, "scaled_mm", _emulated_blockwise_scaled_mm)
+    qa, sa = quantize(_wide((m, k), seed=1), "1x128")
+    qb, sb = quantize(_wide((n, k), seed=2), b_block)
+    ref = fp8_gemm(qa, sa, qb, sb, "1x128", b_block, gemm="dequant")
+    got = blockwise_gemm(qa, sa, qb, sb, "1x128", b_block)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_fp8_linear_blockwise_plumbing_matches_the_emulation(monkeypatch):
+    """FP8Linear with gemm="blockwise" (Fprop 1x128 x 128x128, Dgrad, Wgrad 1x128 x 1x128 along the tokens), its
+    `F.scaled_mm` emulated as on a Hopper GPU: the same outputs and gradients as the FP32-accumulation emulation."""
+    import dsv3_ref.fp8.gemm as gemm_module
+
+    monkeypatch.setattr(F, "scaled_mm", _emulated_blockwise_scaled_mm)
+    monkeypatch.setattr(gemm_module, "blockwise_capable", lambda device: True)
+    x, w, dy = _linear_case()
+    for got, ref in zip(_fp8_grads(x, w, dy, gemm="blockwise"), _fp8_grads(x, w, dy, gemm="dequant"), strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+HOPPER = torch.cuda.is_available() and blockwise_capable(torch.device("cuda"))
+
+
+def test_blockwise_gemm_refuses_what_it_cannot_do():
+    q, s = quantize(torch.randn(16, 128), "1x128")
+    with pytest.raises(ValueError, match="a_block '1x128' and b_block one of"):
+        blockwise_gemm(q, s, q, s, "128x1", "1x128")
+    if not HOPPER:
+        with pytest.raises(ValueError, match="gemm='blockwise' needs a Hopper GPU"):
+            fp8_gemm(q, s, q, s, "1x128", "1x128", gemm="blockwise")
+        with pytest.raises(ValueError, match="gemm='blockwise' needs a Hopper GPU"):
+            FP8Linear(128, 16, gemm="blockwise")(torch.randn(4, 128))
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (F.scaled_mm blockwise recipes, cuBLAS >= 12.9)")
+@pytest.mark.parametrize("b_block", ["128x128", "1x128"])
+def test_blockwise_gemm_on_hopper_matches_the_reference_and_the_model(b_block):
+    """The one-call GEMM against the per-group reference (`scaled_mm`, one GEMM per K group promoted in FP32) and the
+    bit-level model promoting every 128 (`tensor_core_gemm`), on the same inputs."""
+    gen = torch.Generator().manual_seed(0)
+    qa, sa = quantize(torch.randn(256, 1024, generator=gen).cuda(), "1x128")
+    qb, sb = quantize(torch.randn(512, 1024, generator=gen).cuda(), b_block)
+    fast = blockwise_gemm(qa, sa, qb, sb, "1x128", b_block)
+    per_group = fp8_gemm(qa, sa, qb, sb, "1x128", b_block, gemm="scaled_mm")
+    exact = fp8_gemm(qa, sa, qb, sb, "1x128", b_block, gemm="dequant")
+    groups = 1024 // 128
+    model = tensor_core_gemm(qa.cpu(), qb.cpu(), _row_group_scales(qa.cpu(), sa.cpu(), "1x128", groups),
+                             _row_group_scales(qb.cpu(), sb.cpu(), b_block, groups), 128)
+    scale = exact.abs().max().item()
+    for other in (per_group, exact, model.cuda()):
+        torch.testing.assert_close(fast, other, rtol=0, atol=2e-3 * scale)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (F.scaled_mm blockwise recipes, cuBLAS >= 12.9)")
+def test_fp8_linear_blockwise_on_hopper_matches_the_emulation():
+    x, w, dy = _linear_case()
+    y_cpu, dx_cpu, dw_cpu = _fp8_grads(x, w, dy, gemm="dequant")
+    layer = FP8Linear(w.shape[1], w.shape[0], gemm="blockwise").cuda()
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    xr = x.cuda().requires_grad_()
+    layer(xr).backward(dy.cuda())
+    y = layer(x.cuda())
+    for got, ref in ((y, y_cpu), (xr.grad, dx_cpu), (layer.weight.grad, dw_cpu)):
+        torch.testing.assert_close(got.detach().cpu(), ref, rtol=0, atol=3e-3 * ref.abs().max().item())

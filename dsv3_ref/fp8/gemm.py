@@ -2,6 +2,11 @@
 `fp8_gemm` contract, on three backends (`GEMMS`), and a bit-level model of Hopper's limited accumulation precision
 (`tensor_core_gemm`) with the report's experiment (`accumulation_error`). Notebook 50 teaches promotion.
 
+"blockwise" is the fast path: the report's recipe (1x128 activation tiles, 128x128 weight blocks) as ONE
+`torch.nn.functional.scaled_mm` call with `ScalingType.BlockWise1x128` / `BlockWise128x128` (cuBLAS on Hopper,
+CUDA >= 12.9; torch 2.13 has no CPU kernel for it), where "scaled_mm" launches one GEMM per 128-wide K group and
+promotes in software: the per-group path stays the teaching reference, and both are checked against it.
+
 "dequant" is a faithful emulation of FP32 accumulation: the scales are constant within a K group, so
 sum_g s_a s_b sum_k q_a q_b = sum_k (q_a s_a)(q_b s_b), i.e. dequantise-then-matmul in float32 (up to rounding order).
 """
@@ -15,7 +20,7 @@ import torch.nn.functional as F
 
 from .formats import FORMATS, dequantize, quantize, resolve_block, scale_shape
 
-GEMMS = ("auto", "dequant", "scaled_mm", "tensor_core")
+GEMMS = ("auto", "dequant", "scaled_mm", "blockwise", "tensor_core")
 N_C = 128  # promotion interval of the report: 4 WGMMAs
 WGMMA_K = 32  # products one Hopper FP8 WGMMA adds per accumulation step
 TC_BITS = 14  # bits the tensor core keeps of each aligned product and of its accumulator
@@ -51,9 +56,18 @@ def fp8_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def blockwise_capable(device: torch.device) -> bool:
+    """True where `F.scaled_mm`'s blockwise recipes run: a CUDA device of compute capability 9.0 (Hopper)."""
+    return (device.type == "cuda" and hasattr(F, "scaled_mm")
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
 def resolve_gemm(gemm: str, device: torch.device) -> str:
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+    if gemm == "blockwise" and not blockwise_capable(device):
+        raise ValueError(f"gemm='blockwise' needs a Hopper GPU (compute capability 9.0) and torch >= 2.10's "
+                         f"F.scaled_mm; got device {device}: use 'scaled_mm' (per K group) or 'dequant'")
     if gemm == "auto":
         return "scaled_mm" if fp8_capable(device) else "dequant"
     return gemm
@@ -83,6 +97,8 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     gemm = resolve_gemm(gemm, a.device)
     if gemm == "dequant":
         return dequantize(a, a_scale, a_block) @ dequantize(b, b_scale, b_block).T
+    if gemm == "blockwise":
+        return blockwise_gemm(a, a_scale, b, b_scale, a_block, b_block)
     group = min(width_a, width_b)
     n_groups = math.ceil(cols / group)
     sa, sb = _row_group_scales(a, a_scale, a_block, n_groups), _row_group_scales(b, b_scale, b_block, n_groups)
@@ -107,6 +123,45 @@ def _scaled_mm_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torc
                                 out_dtype=torch.float32)[:rows, :n]  # (M, N) = sum over the group of q_a q_b
         out += part * sa[:, g:g + 1] * sb[:, g].unsqueeze(0)
     return out
+
+
+BLOCKWISE_OPERANDS = {"1x128": "BlockWise1x128", "128x128": "BlockWise128x128"}
+
+
+def blockwise_operands(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                       a_block: str, b_block: str) -> tuple[tuple, dict]:
+    """The arguments of one `F.scaled_mm` computing C = dequant(a) dequant(b)^T: (args, kwargs), and C is the
+    result's [:M, :N]. a (M, K) in 1x128 tiles; b (N, K) in 1x128 tiles or 128x128 blocks; `quantize` scales.
+
+    cuBLAS's layout (torch's test_scaled_matmul_cuda): mat_b column-major (b^T as a view); 1x128 scales of shape
+    (rows, K/128) stored outer-dim-major (rows contiguous), b's passed transposed; 128x128 scales (N/128, K/128)
+    with the K blocks padded to a multiple of 4, passed transposed. Rows are padded to 16 (FP8 alignment), N to whole
+    128-blocks, K to whole 128-groups (zero bytes: +0 in both formats; a zero-padded group keeps its scale)."""
+    if a_block != "1x128" or b_block not in BLOCKWISE_OPERANDS:
+        raise ValueError(f"gemm='blockwise' needs a_block '1x128' and b_block one of {list(BLOCKWISE_OPERANDS)}, got "
+                         f"{a_block!r} and {b_block!r}")
+    (rows, cols), n = a.shape, b.shape[0]
+    kb = math.ceil(cols / 128)
+    rows_p = 16 * math.ceil(rows / 16)
+    n_p = 128 * math.ceil(n / 128) if b_block == "128x128" else 16 * math.ceil(n / 16)
+    a_p, b_p = _pad_fp8(a, rows_p, kb * 128), _pad_fp8(b, n_p, kb * 128)
+    sa = F.pad(a_scale.float().reshape(rows, kb), (0, 0, 0, rows_p - rows), value=1.0)  # (rows_p, kb)
+    sa = sa.t().contiguous().t()  # outer-dim-major
+    if b_block == "128x128":
+        sb = F.pad(b_scale.float().reshape(n_p // 128, kb), (0, -kb % 4), value=1.0).t()  # (kb4, N/128)
+    else:
+        sb = F.pad(b_scale.float().reshape(n, kb), (0, 0, 0, n_p - n), value=1.0).t().contiguous()  # (kb, n_p)
+    recipe = F.ScalingType
+    args = (a_p, b_p.t(), sa, getattr(recipe, BLOCKWISE_OPERANDS[a_block]), sb,
+            getattr(recipe, BLOCKWISE_OPERANDS[b_block]))
+    return args, {"output_dtype": torch.float32}
+
+
+def blockwise_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   a_block: str = "1x128", b_block: str = "128x128") -> torch.Tensor:
+    """C = dequant(a) dequant(b)^T (M, N) float32 in one `F.scaled_mm` launch (`blockwise_operands`)."""
+    args, kwargs = blockwise_operands(a, a_scale, b, b_scale, a_block, b_block)
+    return F.scaled_mm(*args, **kwargs)[:a.shape[0], :b.shape[0]]
 
 
 # ------------------------------------------------------------------ the tensor core's accumulation precision

@@ -661,3 +661,43 @@ def resolve_config(spec: str) -> tuple[ModelConfig, str]:
         return ModelConfig.from_hf(spec), os.path.basename(os.path.abspath(spec))
     raise ValueError(f"unknown model {spec!r}: give a preset name (one of {list(PRESETS)}) or a path to a Hugging "
                      "Face config.json or its folder")
+
+
+# ---------------------------------------------------------------------------------------------- training memory
+TRAIN_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments (train.trainer)
+
+
+def training_state_bytes(cfg: ModelConfig, ep_size: int = 1, mtp: bool = True) -> dict[str, int]:
+    """Bytes of training state one rank holds with `dsv3_ref.train` (data parallel with DDP, optionally expert
+    parallel over ep_size ranks): TRAIN_BYTES_PER_PARAM per parameter (fp32 weights, gradients, AdamW moments; the
+    gates' fp32 bias buffers 4 bytes), the routed experts split over the ep_size ranks, everything else replicated.
+    Keys: replicated, routed_experts (this rank's share), total. Activations are not included: they grow with the
+    micro-batch (batch_size x seq_len) and are the part to tune on a given device."""
+    if not (isinstance(ep_size, int) and ep_size >= 1 and cfg.n_routed_experts % ep_size == 0):
+        raise ValueError(f"ep_size must be a positive divisor of n_routed_experts ({cfg.n_routed_experts}), "
+                         f"got {ep_size!r}")
+    counts, p = param_counts(cfg), layer_params(cfg)
+    n_mtp = cfg.n_mtp_layers if mtp else 0
+    moe_blocks = cfg.n_moe_layers + (n_mtp if cfg.is_moe_layer(cfg.n_layers) else 0)
+    routed = moe_blocks * p["routed_experts"]
+    biases = moe_blocks * p["gate_bias"]
+    everything = sum(counts[k] for k in MAIN_COMPONENTS) + n_mtp * p["mtp_module"]
+    replicated = (everything - routed - biases) * TRAIN_BYTES_PER_PARAM + biases * 4
+    mine = routed // ep_size * TRAIN_BYTES_PER_PARAM
+    return {"replicated": replicated, "routed_experts": mine, "total": replicated + mine}
+
+
+def training_memory_table(presets: dict[str, ModelConfig], ep_sizes: tuple[int, ...] = (1, 8, 64)) -> str:
+    """Markdown table: per preset, the GiB of training state per rank (`training_state_bytes`) without expert
+    parallelism and with each ep_size that divides its experts ("-" where it does not)."""
+    head = "| preset | parameters | " + " | ".join(f"EP = {e}" for e in ep_sizes) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(ep_sizes)]
+    for name, cfg in presets.items():
+        cells = [_gib_or_mib(training_state_bytes(cfg, e)["total"]) if cfg.n_routed_experts % e == 0 else "-"
+                 for e in ep_sizes]
+        lines.append(f"| {name} | {total_params(cfg) + mtp_params(cfg):,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _gib_or_mib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"

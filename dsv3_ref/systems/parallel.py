@@ -42,16 +42,18 @@ def _check_split(n_experts: int, world: int) -> None:
                          f"({world})")
 
 
-class ExpertParallelMoE(nn.Module):
+class ExpertParallelMoE(MoE):
     """The `MoE` layer with its routed experts split over `group`; forward: x (B, T, dim) -> (B, T, dim).
 
     `experts` are this rank's experts, global ids [rank * E/W, (rank + 1) * E/W). Build it with `from_moe` to copy
-    a single-process `MoE`. Each rank may pass a different number of tokens (also none).
+    a single-process `MoE`. Each rank may pass a different number of tokens (also none). A `MoE` (the balancing
+    hooks find it as one) that inherits the forward (gate, routed experts, shared expert): only `routed` differs;
+    `MoE.__init__`, which would build all E experts, is not run.
     """
 
     def __init__(self, gate: Gate, experts: list[nn.Module], shared_experts: nn.Module | None,
                  group: dist.ProcessGroup | None = None):
-        super().__init__()
+        nn.Module.__init__(self)
         self.group = group
         self.world_size, self.rank = _world_and_rank(group)
         self.n_routed_experts = gate.weight.size(0)
@@ -75,8 +77,6 @@ class ExpertParallelMoE(nn.Module):
         n_local = moe.n_routed_experts // world
         local = [copy.deepcopy(e) for e in moe.experts[rank * n_local:(rank + 1) * n_local]]
         return cls(copy.deepcopy(moe.gate), local, copy.deepcopy(moe.shared_experts), group)
-
-    forward = MoE.forward  # gate, routed experts, shared expert: the same layer; only `routed` below differs
 
     def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """sum_k w_{t,k} expert_{i_{t,k}}(x_t) for this rank's x (N, dim), the experts living on all ranks."""

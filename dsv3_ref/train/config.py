@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import from_fields, require
+from ..fp8.gemm import GEMMS
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 
@@ -20,7 +21,8 @@ class TrainConfig:
     batch_size * grad_accum windows of seq_len tokens. `steps` counts optimiser steps; the learning rate warms up
     linearly for `warmup_steps`, then follows a cosine from `lr` down to `min_lr` at `steps`. `eval_every` = 0
     evaluates only at the end. `data` is what `Trainer` trains on when given no data object: "corpus" (the
-    synthetic corpus) or the path of a UTF-8 text file."""
+    synthetic corpus) or the path of a UTF-8 text file. `fp8_gemm` is the GEMM backend of the FP8 layers with
+    precision "fp8" (`dsv3_ref.fp8.gemm.GEMMS`; "blockwise": one cuBLAS call per GEMM, Hopper only)."""
 
     steps: int = 200
     batch_size: int = 16
@@ -40,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     data: str = "corpus"
+    fp8_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -71,6 +74,7 @@ class TrainConfig:
         need(len(self.betas) == 2 and all(is_num(b) and 0 <= b < 1 for b in self.betas),
              f"betas must be two numbers in [0, 1), got {self.betas!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.fp8_gemm in GEMMS, f"fp8_gemm must be one of {GEMMS}, got {self.fp8_gemm!r}")
         need(isinstance(self.data, str) and bool(self.data),
              f"data must be 'corpus' or the path of a text file, got {self.data!r}")
 

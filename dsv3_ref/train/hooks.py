@@ -30,8 +30,9 @@ from .trainer import TrainHook
 
 
 class LoadMonitor(TrainHook):
-    """Counts every MoE layer's expert loads over each optimizer step (all its micro-batches) and reports the
-    step's MaxVio_batch (mean over layers). Changes nothing; `last_loads` holds the last step's loads per layer."""
+    """Counts every MoE layer's expert loads over each optimizer step (all its micro-batches and, in a torchrun job,
+    all data-parallel ranks: the global batch) and reports the step's MaxVio_batch (mean over layers). Changes
+    nothing; `last_loads` holds the last step's loads per layer."""
 
     def __init__(self) -> None:
         self.loads: dict[str, torch.Tensor] = {}  # the step being accumulated
@@ -44,7 +45,7 @@ class LoadMonitor(TrainHook):
         return {}
 
     def after_step(self, trainer, step: int) -> None:
-        self.last_loads, self.loads = self.loads, {}
+        self.last_loads, self.loads = trainer.sum_over_ranks(self.loads), {}  # the global batch's loads
 
     def metrics(self, trainer) -> dict[str, float]:
         if not self.last_loads:
@@ -54,8 +55,9 @@ class LoadMonitor(TrainHook):
 
 class LossFreeBalancing(LoadMonitor):
     """Auxiliary-loss-free balancing: after each optimizer step, `update_bias` on every MoE gate from that step's
-    loads (all its micro-batches), with gamma * schedule(tokens seen), tokens seen = steps done *
-    trainer.tokens_per_step (schedule None: constant gamma; see `freeze_schedule`)."""
+    loads (all its micro-batches, summed over the data-parallel ranks: the same update on every rank), with
+    gamma * schedule(tokens seen), tokens seen = steps done * trainer.tokens_per_step (schedule None: constant
+    gamma; see `freeze_schedule`)."""
 
     def __init__(self, gamma: float = PAPER_GAMMA, schedule: Callable[[int], float] | None = None,
                  rule: str = "sign"):
@@ -76,11 +78,11 @@ class LossFreeBalancing(LoadMonitor):
             raise ValueError(f"LossFreeBalancing needs gates with a bias (score_func='sigmoid'); {no_bias} have none")
 
     def after_step(self, trainer, step: int) -> None:
+        super().after_step(trainer, step)  # last_loads: this step's loads over the global batch
         gamma, layers = self.current_gamma(step * trainer.tokens_per_step), moe_layers(trainer.model)
-        for name, load in self.loads.items():
+        for name, load in self.last_loads.items():
             update_bias(layers[name].gate.bias, load, gamma, self.rule)
         self.n_updates += 1
-        super().after_step(trainer, step)
 
     def metrics(self, trainer) -> dict[str, float]:
         gamma = self.current_gamma(trainer.step * trainer.tokens_per_step)
@@ -100,11 +102,17 @@ class SequenceBalanceLoss(TrainHook):
 
 
 class ExpertAuxLoss(TrainHook):
-    """Adds `aux_loss` = sum over MoE layers of `expert_aux_loss` to each micro-batch's loss (the baseline)."""
+    """Adds `aux_loss` = sum over MoE layers of `expert_aux_loss` to each micro-batch's loss (the baseline). One
+    process only: its f_i counts the whole micro-batch, which a data-parallel rank does not see."""
 
     def __init__(self, alpha: float = 1e-3):
         self.alpha = alpha
         self._fresh = FreshRoutings()
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.parallel is not None:
+            raise ValueError("ExpertAuxLoss counts f_i over the whole micro-batch; under data parallelism each rank "
+                             "sees only its share (not supported: use SequenceBalanceLoss or LossFreeBalancing)")
 
     def loss_terms(self, trainer, tokens, targets, hidden, logits) -> dict[str, torch.Tensor]:
         losses = [expert_aux_loss(r, self.alpha) for _, _, r in self._fresh(trainer.model)]
@@ -156,4 +164,4 @@ class MTPLoss(TrainHook):
     def metrics(self, trainer) -> dict[str, float]:
         out = {name: total / self._n for name, total in self._sums.items()} if self._n else {}
         self._sums, self._n = {}, 0
-        return out
+        return trainer.mean_over_ranks(out)

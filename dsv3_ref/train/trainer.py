@@ -24,6 +24,7 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -40,6 +41,7 @@ from ..io.checkpoint import from_pretrained, write_pretrained
 from ..nn.model import Transformer
 from ..objectives.lm import cross_entropy
 from .config import TrainConfig, lr_at
+from .distributed import MicroStep, Parallel, check_layout
 
 TRAIN_STATE_NAME = "train_state.safetensors"
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -91,11 +93,17 @@ class Trainer:
     (every `log_every` steps and at the end) with step, tokens, lr, train_loss (cross-entropy in nats per token,
     averaged over the steps since the last entry), grad_norm, each hook's loss terms, val_loss at evaluation steps,
     and each hook's metrics. `save(dir)` / `resume(dir)` write and read a complete checkpoint.
+
+    With `parallel` (a torchrun job, `train.distributed.Parallel`), every rank trains on its share of the same global
+    batch; the history, the checkpoints and the balancing biases are those of one process on that batch; only rank
+    0 shows progress and writes checkpoints.
     """
 
     def __init__(self, model: Transformer, cfg: TrainConfig, data: TokenData | None = None,
-                 hooks: list[TrainHook] | tuple[TrainHook, ...] = (), progress: bool = True):
-        self.model, self.cfg, self.hooks, self.progress = model, cfg, list(hooks), progress
+                 hooks: list[TrainHook] | tuple[TrainHook, ...] = (), progress: bool = True,
+                 parallel: Parallel | None = None):
+        self.model, self.cfg, self.hooks, self.parallel = model, cfg, list(hooks), parallel
+        self.progress = progress and (parallel is None or parallel.rank == 0)
         self.data = load_data(cfg.data) if data is None else data
         mcfg = model.config
         if cfg.seq_len > mcfg.max_seq_len:
@@ -103,9 +111,13 @@ class Trainer:
         if self.data.vocab_size > mcfg.vocab_size:
             raise ValueError(f"the data has {self.data.vocab_size} token ids but the model's vocab_size is "
                              f"{mcfg.vocab_size}")
+        if parallel is not None:
+            check_layout(mcfg, cfg.batch_size, parallel.world_size, parallel.expert_parallel)
+            parallel.prepare(model)
         if cfg.precision == "fp8":
-            convert_to_fp8(model)
+            convert_to_fp8(model, gemm=cfg.fp8_gemm)
         self.device = next(model.parameters()).device
+        self._ddp = None if parallel is None else parallel.wrap(MicroStep(model, self._micro_forward), model)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                            eps=cfg.eps)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # draws the training windows
@@ -125,38 +137,53 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _micro_forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's forward: (loss to minimise, {"train_loss": cross-entropy, hook terms...})."""
+        with self._autocast():
+            hidden = self.model.hidden_states(tokens)  # (B, T, dim)
+            logits = self.model.head(hidden)  # (B, T, vocab)
+            terms = {}
+            for hook in self.hooks:
+                for name, value in hook.loss_terms(self, tokens, targets, hidden, logits).items():
+                    if name in terms or name in ("train_loss", "grad_norm"):
+                        raise ValueError(f"loss term name {name!r} is already taken")
+                    if not (isinstance(value, torch.Tensor) and value.dim() == 0):
+                        raise ValueError(f"loss term {name!r} must be a scalar tensor, got {value!r}")
+                    terms[name] = value
+        ce = cross_entropy(logits, targets)
+        return ce + sum(t.float() for t in terms.values()), {"train_loss": ce, **terms}
+
     def train_step(self) -> dict[str, float]:
         """One optimiser step over grad_accum micro-batches; returns the step's mean losses and grad_norm."""
-        cfg = self.cfg
+        cfg, par = self.cfg, self.parallel
         lr = lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # one draw for the whole step, so (accum a, batch b) sees the same windows as (accum 1, batch a * b)
         batch = self.data.train_batch(cfg.batch_size * cfg.grad_accum, cfg.seq_len, self.generator)
         out: dict[str, float] = {}
-        for micro in batch.split(cfg.grad_accum):
+        for i, micro in enumerate(batch.split(cfg.grad_accum)):
+            if par is not None:
+                micro = par.shard(micro)  # this rank's rows
             tokens, targets = micro.inputs.to(self.device), micro.targets.to(self.device)  # (B, T)
-            with self._autocast():
-                hidden = self.model.hidden_states(tokens)  # (B, T, dim)
-                logits = self.model.head(hidden)  # (B, T, vocab)
-                terms = {}
-                for hook in self.hooks:
-                    for name, value in hook.loss_terms(self, tokens, targets, hidden, logits).items():
-                        if name in terms or name in ("train_loss", "grad_norm"):
-                            raise ValueError(f"loss term name {name!r} is already taken")
-                        if not (isinstance(value, torch.Tensor) and value.dim() == 0):
-                            raise ValueError(f"loss term {name!r} must be a scalar tensor, got {value!r}")
-                        terms[name] = value
-            ce = cross_entropy(logits, targets)
-            loss = ce + sum(t.float() for t in terms.values())
-            if not torch.isfinite(loss):
-                raise ValueError(f"step {self.step + 1}: the loss is {loss.item()} (train_loss {ce.item()}); training "
-                                 "stopped, the last checkpoint saved is kept (is lr too large?)")
-            (loss / cfg.grad_accum).backward()
-            for name, value in {"train_loss": ce, **terms}.items():
+            sync = nullcontext() if par is None else par.no_sync(self._ddp, last=i == cfg.grad_accum - 1)
+            with sync:
+                loss, logged = (self._micro_forward if par is None else self._ddp)(tokens, targets)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"step {self.step + 1}: the loss is {loss.item()} (train_loss "
+                                     f"{logged['train_loss'].item()}); training stopped, the last checkpoint saved is "
+                                     "kept (is lr too large?)")
+                (loss / cfg.grad_accum).backward()
+            for name, value in logged.items():
                 out[name] = out.get(name, 0.0) + value.item() / cfg.grad_accum
+        if par is not None:
+            par.finish_gradients(self.model)
+            out = par.mean_over_ranks(out)
         if cfg.grad_clip > 0:
-            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            params = self.model.parameters()
+            norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if par is None
+                    else par.clip_grad_norm_(self.model, cfg.grad_clip))
+            out["grad_norm"] = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -172,11 +199,24 @@ class Trainer:
         self.model.eval()
         total = 0.0
         for batch in self.val:
+            if self.parallel is not None:
+                batch = self.parallel.shard(batch)
             with self._autocast():
                 logits = self.model(batch.inputs.to(self.device))  # (B, T, vocab)
             total += cross_entropy(logits, batch.targets.to(self.device)).item()
         self.model.train(was_training)
+        if self.parallel is not None:
+            total = self.parallel.mean_over_ranks({"val": total})["val"]
         return total / len(self.val)
+
+    def sum_over_ranks(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each tensor summed over the data-parallel ranks (unchanged in one process): hooks use it to see the
+        global batch."""
+        return tensors if self.parallel is None else self.parallel.sum_over_ranks(tensors)
+
+    def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Each float averaged over the data-parallel ranks (unchanged in one process)."""
+        return values if self.parallel is None else self.parallel.mean_over_ranks(values)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None, resume_from: str | os.PathLike | None = None,
@@ -234,28 +274,50 @@ class Trainer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the checkpoint folder `path` crash-safely (`io.atomic.write_folder`): if anything fails, or the
-        process is killed, a checkpoint already at `path` is left as it was, or the next load finds the new one."""
+        process is killed, a checkpoint already at `path` is left as it was, or the next load finds the new one.
+        In a torchrun job every rank gathers (expert-parallel experts, their moments) and rank 0 writes."""
         bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise ValueError(f"step {self.step}: non-finite weights in {bad[:5]}; not saved, the last checkpoint "
                              "saved is kept (is lr too large?)")
-        _recovered(write_folder(check_out_folder(path), self._write_checkpoint))
+        model, state = self._full_model(), self._state_tensors()
+        if self.parallel is None or self.parallel.rank == 0:
+            write = lambda folder: self._write_checkpoint(folder, model, state)  # noqa: E731
+            _recovered(write_folder(check_out_folder(path), write))
+        if self.parallel is not None:
+            self.parallel.barrier()
 
-    def _write_checkpoint(self, folder: str) -> None:
-        write_pretrained(self.model, folder)
-        save_file(self._state_tensors(), os.path.join(folder, TRAIN_STATE_NAME), metadata=self._state_metadata())
+    def _write_checkpoint(self, folder: str, model: Transformer, state: dict[str, torch.Tensor]) -> None:
+        write_pretrained(model, folder)
+        save_file(state, os.path.join(folder, TRAIN_STATE_NAME), metadata=self._state_metadata())
         with open(os.path.join(folder, TRAIN_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(self.cfg.to_dict(), f, indent=2)
             f.write("\n")
+
+    def _full_model(self) -> Transformer | None:
+        """The model as one process holds it: with expert parallelism, a copy with every rank's experts, on rank 0
+        (None on the others). The same hub-format checkpoint for any number of processes."""
+        par = self.parallel
+        if par is None or not par.expert_parallel:
+            return self.model
+        state = par.gather({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        if par.rank != 0:
+            return None
+        full = Transformer(self.model.config)
+        full.load_state_dict(state)
+        return full
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"step": torch.tensor(self.step, dtype=torch.int64),
                    "rng.torch": torch.get_rng_state(), "rng.data": self.generator.get_state()}
         state = self.optimizer.state_dict()["state"]
+        moments = {}
         for i, name in enumerate(self._param_names()):
             for key, value in state.get(i, {}).items():
-                tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
-        return tensors
+                moments[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
+        if self.parallel is not None and self.parallel.expert_parallel:
+            moments = self.parallel.gather(moments)  # every rank's experts, under their single-process names
+        return {**tensors, **moments}
 
     def _state_metadata(self) -> dict[str, str]:
         version, internal, gauss = random.getstate()
@@ -294,10 +356,12 @@ class Trainer:
         if differ:
             detail = ", ".join(f"{k}: checkpoint {saved_cfg.get(k)!r}, model {ours.get(k)!r}" for k in differ)
             raise ValueError(f"{path}: the checkpoint was trained with a different model config ({detail})")
-        loaded = from_pretrained(path, dtype=self.model.embed.weight.dtype)  # ValueError if damaged
-        self.model.load_state_dict(loaded.state_dict())
+        loaded = from_pretrained(path, dtype=self.model.embed.weight.dtype).state_dict()  # ValueError if damaged
+        par = self.parallel
+        to_global = (lambda n: n) if par is None else par.global_name  # expert parallel: this rank's experts
+        self.model.load_state_dict({name: loaded[to_global(name)] for name in self.model.state_dict()})
         sd = self.optimizer.state_dict()
-        sd["state"] = self._optimizer_state(state_file, tensors)
+        sd["state"] = self._optimizer_state(state_file, tensors, to_global)
         self.optimizer.load_state_dict(sd)
         self.step, self.history, self._acc = step, history, acc
         torch.set_rng_state(rng_torch)
@@ -323,13 +387,15 @@ class Trainer:
                                  f"{tuple(got.shape)}")
         return int(step)
 
-    def _optimizer_state(self, state_file: str, tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, Any]]:
-        """AdamW's state by parameter position from the `optimizer.{name}.{key}` tensors: each parameter has all of
-        step (a scalar), exp_avg and exp_avg_sq (its shape), or none of them (before the first step)."""
+    def _optimizer_state(self, state_file: str, tensors: dict[str, torch.Tensor],
+                         to_global: Callable[[str], str]) -> dict[int, dict[str, Any]]:
+        """AdamW's state by parameter position from the `optimizer.{global name}.{key}` tensors: each parameter has
+        all of step (a scalar), exp_avg and exp_avg_sq (its shape), or none of them (before the first step). Under
+        expert parallelism the other ranks' experts' moments are skipped."""
         params = dict(self.model.named_parameters())
         state: dict[int, dict[str, torch.Tensor]] = {}
         for i, name in enumerate(self._param_names()):
-            prefix = f"optimizer.{name}."
+            prefix = f"optimizer.{to_global(name)}."
             found = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
             if not found:
                 continue
@@ -341,6 +407,8 @@ class Trainer:
                 raise ValueError(f"{state_file}: optimizer state of {name} must be {want} (key: shape, dtype) with "
                                  f"step >= 0, got {got}")
             state[i] = found
+        if self.parallel is not None:
+            tensors = {k: v for k, v in tensors.items() if not self.parallel.is_expert(k)}
         if tensors:
             raise ValueError(f"{state_file}: unexpected tensor(s) {sorted(tensors)[:5]} (a different model?)")
         return state
