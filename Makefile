@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dsv3_ref-installed
 # teaching order: notebooks/NN_*.ipynb, then each sub-folder (notebooks/exercises/...)
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb)) $(sort $(wildcard notebooks/*/*.ipynb))
-LINT_PATHS := $(wildcard dsv3_ref tests benchmarks)
+LINT_PATHS := $(wildcard dsv3_ref tests benchmarks classroom)
 
-.PHONY: help venv test lab run notebooks lint book clean
+.PHONY: help venv test lab run notebooks lint book student instructor slides clean
 
 help:
 	@echo "make run    set up $(VENV) and execute every notebook in place (alias: make notebooks)"
@@ -16,6 +16,9 @@ help:
 	@echo "make test   set up $(VENV) and run the unit tests and the notebook checks (nbval)"
 	@echo "make lint   ruff check"
 	@echo "make book   build the book offline into book/_build/html (needs npm once, for MathJax)"
+	@echo "make student     the student edition in build/student: notebooks without solutions (executed), book, zip"
+	@echo "make instructor  the instructor edition: the book with solutions (make book) and the slides"
+	@echo "make slides      one reveal.js deck per lesson in build/slides (offline; needs npm once, for reveal.js)"
 	@echo "make clean  remove build outputs and caches (keeps $(VENV))"
 
 venv: $(STAMP)
@@ -57,6 +60,17 @@ lint: venv
 # Builds the book offline from the stored notebooks into book/_build/html (MathJax: npm pack mathjax@3, cached).
 book: venv
 	$(BIN)/python -m book.build
+
+# The student edition (classroom/editions.py): every notebook without its solution cells, executed (~6 min), its book,
+# and the hand-out zip. The instructor edition is the repository's notebooks: `make book` and `make slides`.
+student: venv
+	$(BIN)/python -m classroom.editions
+
+instructor: book slides
+
+# One deck per lesson of classroom/lessons.yml (the instructor guide's lesson plans), from the student edition.
+slides: venv
+	$(BIN)/python -m classroom.slides
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache book/_build
