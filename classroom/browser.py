@@ -10,8 +10,8 @@ Two tools, both plain Chromium command lines (no driver library):
   - `raw_tex`: text outside code that still looks like TeX (`$...$`, `\\frac`, `\\begin{...}`): math MathJax did
     not render;
   - `broken_images`: images that did not load;
-  - `clipped`: elements whose content is wider than their box while their overflow hides it (no scrollbar), i.e.
-    lines cut off at the right;
+  - `clipped`: elements whose overflow is hidden (no scrollbar) while visible content (text, images) reaches past
+    their right edge, i.e. lines cut off at the right;
   - `overflowing`: elements that stick out of the page's content column without a scrolling box around them
     (a table that loses its last columns behind the margin);
   - `text_chars`: how much text the page shows.
@@ -37,6 +37,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
          "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
          "--disable-dev-shm-usage"]
 RESULT_ID = "dsv3-probe-result"
+# A box that scrolls sideways must say so: it must carry this class (the book's assets/scroll-cue.js adds it) and a
+# visible cue (book.css draws a shadow at the edge that hides more content, and keeps the scrollbar visible).
+CUE_CLASS = "dsv3-scrolls"
 
 # Runs in the page once everything is loaded: waits for MathJax 3 (MathJax.startup.promise) and reveal.js
 # (Reveal.isReady), then measures. `scope` is the CSS selector of the content column (the book's article, the
@@ -44,6 +47,7 @@ RESULT_ID = "dsv3-probe-result"
 PROBE_JS = r"""
 (function () {
   const SCOPE = %(scope)s;
+  const CUE = %(cue)s;
   const TEX = /(\$[^$\s][^$]*\$|\\(frac|sum|mathrm|mathbf|operatorname|begin\{|left|right|sqrt|tag)\b)/;
   function skip(el) {
     return el.closest('pre, code, script, style, mjx-container, .MathJax, textarea, svg, [aria-hidden="true"]');
@@ -55,6 +59,28 @@ PROBE_JS = r"""
     }
     return false;
   }
+  function hiddenPart(el) {
+    // how far visible content (text, images, boxes) reaches beyond el's right edge; MathJax's off-screen copy for
+    // screen readers (mjx-assistive-mml) is not visible content
+    const edge = el.getBoundingClientRect().right;
+    let reach = edge;
+    const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT | NodeFilter.SHOW_ELEMENT);
+    for (let n = walker.nextNode(), seen = 0; n && seen < 2000; n = walker.nextNode(), seen++) {
+      const host = n.nodeType === Node.TEXT_NODE ? n.parentElement : n;
+      if (!host || host.closest('mjx-assistive-mml')) continue;
+      let rect;
+      if (n.nodeType === Node.TEXT_NODE) {
+        if (!n.textContent.trim()) continue;
+        const range = document.createRange();
+        range.selectNodeContents(n);
+        rect = range.getBoundingClientRect();
+      } else if (['IMG', 'CANVAS', 'SVG', 'svg'].includes(n.tagName)) {
+        rect = n.getBoundingClientRect();
+      } else continue;
+      if (rect.width > 0) reach = Math.max(reach, rect.right);
+    }
+    return reach - edge;
+  }
   function describe(el) {
     const name = typeof el.className === 'string' ? el.className.trim() : '';
     const cls = name ? '.' + name.split(/\s+/).join('.') : '';
@@ -64,7 +90,8 @@ PROBE_JS = r"""
   function measure() {
     const root = document.querySelector(SCOPE) || document.body;
     const out = {scope: SCOPE, found_scope: !!document.querySelector(SCOPE), raw_tex: [], broken_images: [],
-                 clipped: [], overflowing: [], text_chars: (root.innerText || '').trim().length};
+                 clipped: [], overflowing: [], scroll_without_cue: [], scrolling: 0,
+                 text_chars: (root.innerText || '').trim().length};
     const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
     for (let n = walker.nextNode(); n; n = walker.nextNode()) {
       if (!n.parentElement || skip(n.parentElement)) continue;
@@ -81,7 +108,15 @@ PROBE_JS = r"""
       if (s.display === 'none' || s.visibility === 'hidden') continue;
       if (['hidden', 'clip'].includes(s.overflowX) && el.scrollWidth > el.clientWidth + 2 &&
           el.clientWidth > 0 && out.clipped.length < 20) {
-        out.clipped.push(describe(el) + ' (' + el.scrollWidth + ' > ' + el.clientWidth + ' px)');
+        const cut = hiddenPart(el);
+        if (cut > 2) out.clipped.push(describe(el) + ' (' + Math.round(cut) + ' px cut off at the right)');
+      }
+      if (['auto', 'scroll'].includes(s.overflowX) && el.scrollWidth > el.clientWidth + 2 && el.clientWidth > 0 &&
+          !el.closest('mjx-container')) {
+        out.scrolling += 1;  // a box the reader scrolls sideways: it must show that there is more (CUE_CLASS)
+        if ((!el.classList.contains(CUE) || s.boxShadow === 'none') && out.scroll_without_cue.length < 20) {
+          out.scroll_without_cue.push(describe(el) + ' (' + el.scrollWidth + ' px in ' + el.clientWidth + ' px)');
+        }
       }
       const r = el.getBoundingClientRect();
       if (r.width > 0 && r.right > right + 2 && !scrollable(el, root) && out.overflowing.length < 20) {
@@ -140,23 +175,24 @@ def find_chromium() -> str | None:
     return None
 
 
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: float, window: tuple[int, int] = WINDOW) -> subprocess.CompletedProcess:
     chromium = find_chromium()
     if chromium is None:
         raise BrowserError("no Chromium found (Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:  # a fresh profile: nothing cached between runs
-        cmd = [chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}", *args]
+        cmd = [chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}", *args]
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise BrowserError(f"Chromium did not finish within {timeout:.0f} s: {' '.join(cmd)}") from exc
 
 
-def screenshot(url: str, png: Path, budget_ms: int = BUDGET_MS, timeout: float = 120) -> Path:
+def screenshot(url: str, png: Path, budget_ms: int = BUDGET_MS, timeout: float = 120,
+               window: tuple[int, int] = WINDOW) -> Path:
     """Render `url` (file://...#fragment allowed) headless into `png`; returns png."""
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    result = _run([f"--virtual-time-budget={budget_ms}", f"--screenshot={png}", url], timeout)
+    result = _run([f"--virtual-time-budget={budget_ms}", f"--screenshot={png}", url], timeout, window)
     if not png.is_file():
         raise BrowserError(f"Chromium wrote no screenshot of {url} (exit code {result.returncode}):\n"
                            f"{result.stderr[-2000:]}")
@@ -173,14 +209,14 @@ def blank_fraction(png: Path) -> float:
     return max(n for n, _ in colors) / total
 
 
-def probe(page: Path, scope: str = "body", slides: int = 0, budget_ms: int = BUDGET_MS,
-          timeout: float = 180) -> list[dict]:
+def probe(page: Path, scope: str = "body", slides: int = 0, budget_ms: int = BUDGET_MS, timeout: float = 180,
+          window: tuple[int, int] = WINDOW) -> list[dict]:
     """Load a copy of `page` (next to it, so relative links work) with PROBE_JS appended and return its findings:
     one report, or with slides=n one per slide for the first n slides of a reveal.js deck (scope: the present
     slide)."""
     page = Path(page)
     html = page.read_text(encoding="utf-8")
-    script = PROBE_JS % {"scope": json.dumps(scope), "result_id": RESULT_ID, "slides": slides}
+    script = PROBE_JS % {"scope": json.dumps(scope), "result_id": RESULT_ID, "slides": slides, "cue": json.dumps(CUE_CLASS)}
     tag = f"<script>{script}</script>"
     probed = html.replace("</body>", tag + "</body>", 1) if "</body>" in html else html + tag
     with tempfile.NamedTemporaryFile("w", suffix=".html", prefix=".probe-", dir=page.parent, delete=False,
@@ -188,7 +224,7 @@ def probe(page: Path, scope: str = "body", slides: int = 0, budget_ms: int = BUD
         f.write(probed)
         copy = Path(f.name)
     try:
-        result = _run([f"--virtual-time-budget={budget_ms}", "--dump-dom", copy.as_uri()], timeout)
+        result = _run([f"--virtual-time-budget={budget_ms}", "--dump-dom", copy.as_uri()], timeout, window)
     finally:
         copy.unlink(missing_ok=True)
     found = re.search(rf'<pre id="{RESULT_ID}">(.*?)</pre>', result.stdout, flags=re.S)
@@ -209,4 +245,5 @@ def problems(report: dict) -> list[str]:
     out += [f"image did not load: {src}" for src in report["broken_images"]]
     out += [f"clipped: {c}" for c in report["clipped"]]
     out += [f"overflows the column: {c}" for c in report["overflowing"]]
+    out += [f"scrolls sideways without a visible cue: {c}" for c in report.get("scroll_without_cue", [])]
     return out
