@@ -216,7 +216,8 @@ def probe(page: Path, scope: str = "body", slides: int = 0, budget_ms: int = BUD
     slide)."""
     page = Path(page)
     html = page.read_text(encoding="utf-8")
-    script = PROBE_JS % {"scope": json.dumps(scope), "result_id": RESULT_ID, "slides": slides, "cue": json.dumps(CUE_CLASS)}
+    script = PROBE_JS % {"scope": json.dumps(scope), "result_id": RESULT_ID, "slides": slides,
+                         "cue": json.dumps(CUE_CLASS)}
     tag = f"<script>{script}</script>"
     probed = html.replace("</body>", tag + "</body>", 1) if "</body>" in html else html + tag
     with tempfile.NamedTemporaryFile("w", suffix=".html", prefix=".probe-", dir=page.parent, delete=False,

@@ -7,8 +7,8 @@ One reveal.js deck per lesson of classroom/lessons.yml, written to build/slides/
             and checker cells are left to the notebooks). A '#'/'##' heading starts a new slide (a markdown cell is
             cut before each such heading), every other cell a vertical sub-slide. Widget state is dropped (a widget
             needs a live kernel; the notebooks draw a static figure beside each one).
-2. assets   reveal.js 4 from the npm registry (`npm pack reveal.js@4`, cached in classroom/.cache) and the book's MathJax 3
-            (`book.build.install_mathjax`) are copied next to the decks, so a deck opens without network.
+2. assets   reveal.js 4 from the npm registry (`npm pack reveal.js@4`, cached in classroom/.cache) and the book's
+            MathJax 3 (`book.build.install_mathjax`) are copied next to the decks, so a deck opens without network.
 3. html     nbconvert's SlidesExporter with classroom/templates/dsv3_slides, a reveal template without the CDN
             scripts (jQuery, require.js, mermaid) and with MathJax 3 instead of MathJax 2.
 """
