@@ -240,6 +240,18 @@ def test_rubric_covers_every_notebook_exercise():
     assert all(points == 2 * n for n, points in listed.values())
 
 
+def test_setup_sheet_matches_the_pins_and_the_wheel():
+    """docs/setup.md installs the torch of constraints.txt and the wheel `make student` puts into the hand-out."""
+    import tomllib
+
+    sheet = (ROOT / "docs" / "setup.md").read_text(encoding="utf-8")
+    pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(encoding="utf-8"), flags=re.M).group(1)
+    assert set(re.findall(r"torch==(\S+)", sheet)) == {pin}
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert set(re.findall(r"dsv3_ref-(\S+?)-py3-none-any\.whl", sheet)) == {version}
+    assert "--index-url https://download.pytorch.org/whl/cpu" in sheet  # Linux: not PyPI's multi-GB CUDA build
+
+
 # ------------------------------------------------------------------------------------------ slides
 def test_lessons_cover_every_teaching_notebook_once():
     """Each teaching notebook is in a lesson's slides, or listed in lessons.yml as self-study."""
