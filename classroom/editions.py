@@ -93,9 +93,19 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _node(nb: dict):
+    """The notebook as an nbformat node (list-of-lines sources joined, as nbclient and the exporters expect)."""
+    import nbformat
+
+    return nbformat.reads(json.dumps(nb), as_version=4)
+
+
 def _write(nb: dict, path: Path) -> None:
+    """Write as Jupyter does (nbformat.writes), so the files look like the instructor notebooks."""
+    import nbformat
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(nbformat.writes(_node(nb)), encoding="utf-8")
 
 
 def notebook_paths(notebooks_dir: Path = NOTEBOOKS) -> list[Path]:
@@ -113,7 +123,7 @@ def execute(nb: dict, cwd: Path) -> float:
     import nbformat
     from nbclient import NotebookClient
 
-    node = nbformat.from_dict(nb)
+    node = _node(nb)
     start = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "DSV3_SOLUTIONS"}
     client = NotebookClient(node, timeout=CELL_TIMEOUT, kernel_name="python3", record_timing=False,

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +103,35 @@ def test_student_edition_holds_no_solution(student_dir):
         text = json.dumps(student)  # sources and outputs
         leaked = sorted(line for line in _solution_lines(nb, kept) if json.dumps(line)[1:-1] in text)
         assert not leaked, f"{path.name}: solution lines in the student edition: {leaked[:5]}"
+
+
+@pytest.fixture(scope="module")
+def student_exercises(tmp_path_factory) -> Path:
+    """The student edition of the exercise notebooks, executed (a few seconds)."""
+    out = tmp_path_factory.mktemp("student-exercises")
+    editions.build_notebooks(out, NOTEBOOKS / "exercises", run=True, log=lambda *a: None)
+    return out
+
+
+def test_student_exercise_notebook_says_not_implemented(student_exercises):
+    """Executed without the solutions, every checker of the student notebook reports its exercise as not
+    implemented yet (and nothing as passed), and nbval re-runs it to the same outputs: nbval covers the student
+    edition too."""
+    from dsv3_ref import exercises as ex
+
+    path = student_exercises / "01_student.ipynb"
+    nb = _nb(path)
+    assert not editions.stored_errors(nb)
+    text = "\n".join("".join(o.get("text", "")) or "".join(o.get("data", {}).get("text/plain", ""))
+                     for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"])
+    assert "[PASS]" not in text, "a stub passed its checker"
+    for name in ex.EXERCISES:
+        assert re.search(rf"{name}\b.*not implemented", text), f"{name}: no 'not implemented' report"
+    env = {k: v for k, v in os.environ.items() if k != "DSV3_SOLUTIONS"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "--nbval", str(path), "--nbval-current-env",
+                             "--nbval-sanitize-with", str(NOTEBOOKS / "sanitize.cfg"), "-p", "no:cacheprovider",
+                             "-q", "--rootdir", str(student_exercises)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:]
 
 
 def _bound_names(source: str) -> set[str]:
