@@ -12,7 +12,8 @@ Building the student edition writes, under build/student/ (the default; `--out`)
 
 1. notebooks/   the student notebooks, executed top to bottom in a fresh kernel (as `make run` does for the
                 instructor edition), so that their stored outputs show what a student sees: every checker prints
-                "not implemented yet" for the exercises. A notebook that stores an error fails the build.
+                "not implemented yet" for the exercises. A notebook that stores an error, or a checker line that
+                reports a pass ("[PASS]": a stub cannot pass), fails the build.
 2. book/        the book built from those notebooks (`book.build`), with no solutions in it.
 3. dsv3_ref-student.zip   the hand-out: the student notebooks, the setup sheet (docs/setup.md) and a wheel of the
                 package.
@@ -140,6 +141,18 @@ def stored_errors(nb: dict) -> list[str]:
             for o in cell.get("outputs", []) if o.get("output_type") == "error"]
 
 
+def passing_checks(nb: dict) -> list[str]:
+    """'cell i: line' for every checker line that reports a pass ("[PASS] ..."): in the student edition, where every
+    answer is still its stub, each one is a defect (a checker that passes a stub, or a solution left in)."""
+    found = []
+    for i, cell in enumerate(nb["cells"]):
+        for o in cell.get("outputs", []):
+            text = o.get("text") or o.get("data", {}).get("text/plain", "")
+            text = "".join(text) if isinstance(text, list) else text
+            found += [f"cell {i}: {line.strip()}" for line in text.splitlines() if line.lstrip().startswith("[PASS]")]
+    return found
+
+
 # ------------------------------------------------------------------------------------------ the edition
 def build_notebooks(out_dir: Path, notebooks_dir: Path = NOTEBOOKS, run: bool = True,
                     log=print) -> list[Path]:
@@ -157,9 +170,10 @@ def build_notebooks(out_dir: Path, notebooks_dir: Path = NOTEBOOKS, run: bool = 
         dest.parent.mkdir(parents=True, exist_ok=True)
         if run:
             seconds = execute(nb, dest.parent)
-            errors = stored_errors(nb)
+            errors = stored_errors(nb) + passing_checks(nb)
             if errors:
-                raise EditionError(f"{rel}: the student edition stores errors:\n  " + "\n  ".join(errors))
+                raise EditionError(f"{rel}: the student edition stores errors or passing checks:\n  "
+                                   + "\n  ".join(errors))
             log(f"  {rel}: executed in {seconds:.0f} s")
         _write(nb, dest)
         written.append(dest)
@@ -179,8 +193,8 @@ def build_zip(out: Path, notebooks_dir: Path, log=print) -> Path:
             raise EditionError(f"`pip wheel` of the package failed (exit code {result.returncode}):\n{result.stderr}")
         target = out / "dsv3_ref-student.zip"
         with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            for path in sorted(notebooks_dir.rglob("*")):
-                if path.is_file():
+            for path in sorted(notebooks_dir.rglob("*.ipynb")):
+                if ".ipynb_checkpoints" not in path.parts:
                     z.write(path, Path("notebooks") / path.relative_to(notebooks_dir))
             z.write(ROOT / "docs" / "setup.md", "SETUP.md")
             z.write(wheels[0], wheels[0].name)
