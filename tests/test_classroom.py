@@ -10,6 +10,7 @@ notebooks, which are executed here (a few seconds) and must show "not implemente
 from __future__ import annotations
 
 import ast
+import html as html_lib
 import json
 import os
 import re
@@ -104,6 +105,25 @@ def test_student_edition_holds_no_solution(student_dir):
         text = json.dumps(student)  # sources and outputs
         leaked = sorted(line for line in _solution_lines(nb, kept) if json.dumps(line)[1:-1] in text)
         assert not leaked, f"{path.name}: solution lines in the student edition: {leaked[:5]}"
+
+
+def test_student_book_has_no_solutions(student_dir, tmp_path):
+    """The book builds from the student edition: a page per student notebook, no solutions page, no solution line."""
+    from book import build as book_build
+
+    html = book_build.build(tmp_path / "book", student_dir)
+    pages = {p.relative_to(html / "notebooks").with_suffix(".ipynb") for p in (html / "notebooks").rglob("*.html")}
+    assert pages == {p.relative_to(student_dir) for p in student_dir.rglob("*.ipynb")}
+    text = "\n".join(p.read_text(encoding="utf-8") for p in (html / "notebooks").rglob("*.html"))
+    assert "02_solutions.html" not in text
+    text = html_lib.unescape(re.sub(r"<[^>]+>", "", text))  # what the pages show (highlighted code as plain text)
+    for path in ALL:
+        nb = _nb(path)
+        if editions.is_instructor_only(nb):
+            continue
+        kept = "\n".join(_src(c) for c in editions.student_notebook(nb)["cells"])
+        leaked = [line for line in _solution_lines(nb, kept) if line in text]
+        assert not leaked, f"{path.name}: solution lines in the student book: {leaked[:3]}"
 
 
 @pytest.fixture(scope="module")
