@@ -15,8 +15,8 @@ Building the student edition writes, under build/student/ (the default; `--out`)
                 "not implemented yet" for the exercises. A notebook that stores an error, or a checker line that
                 reports a pass ("[PASS]": a stub cannot pass), fails the build.
 2. book/        the book built from those notebooks (`book.build`), with no solutions in it.
-3. dsv3_ref-student.zip   the hand-out: the student notebooks, the setup sheet (docs/setup.md) and a wheel of the
-                package.
+3. dsv3_ref-student.zip   the hand-out: the student notebooks, the setup sheet (docs/setup.md), a wheel of the
+                package, and the repository files the notebooks read (REPO_FILES, at the same relative place).
 
 `--no-execute` skips the execution (outputs from the first left-out cell on are cleared instead) and `--no-book`
 and `--no-zip` skip steps 2 and 3; the tests use these for a fast structural build.
@@ -44,6 +44,9 @@ METADATA_KEY = "dsv3_ref"
 INSTRUCTOR = "instructor"
 # files next to the notebooks that the student edition needs (nbval's sanitizer); conftest.py is instructor-only
 SUPPORT_FILES = ("sanitize.cfg",)
+# repository files the notebooks read (as ../<path> from notebooks/): copied to the same place beside the student
+# notebooks and into the hand-out, so that the student edition runs where it is unpacked
+REPO_FILES = ("benchmarks/results/h200_fp8.json",)
 CELL_TIMEOUT = 600  # seconds per cell, as `make run`
 
 
@@ -183,6 +186,13 @@ def build_notebooks(out_dir: Path, notebooks_dir: Path = NOTEBOOKS, run: bool = 
     return written
 
 
+def copy_repo_files(out: Path) -> None:
+    """REPO_FILES into out/ (beside out/notebooks/), where the notebooks look for them."""
+    for rel in REPO_FILES:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, out / rel)
+
+
 def build_zip(out: Path, notebooks_dir: Path, log=print) -> Path:
     """out/dsv3_ref-student.zip: notebooks/, SETUP.md (docs/setup.md) and a wheel of the package."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,6 +206,8 @@ def build_zip(out: Path, notebooks_dir: Path, log=print) -> Path:
             for path in sorted(notebooks_dir.rglob("*.ipynb")):
                 if ".ipynb_checkpoints" not in path.parts:
                     z.write(path, Path("notebooks") / path.relative_to(notebooks_dir))
+            for rel in REPO_FILES:
+                z.write(ROOT / rel, rel)
             z.write(ROOT / "docs" / "setup.md", "SETUP.md")
             z.write(wheels[0], wheels[0].name)
     log(f"hand-out: {target} ({target.stat().st_size / 1e6:.1f} MB)")
@@ -206,6 +218,7 @@ def build(out: Path = DEFAULT_OUT, notebooks_dir: Path = NOTEBOOKS, run: bool = 
           hand_out: bool = True, log=print) -> Path:
     """The whole student edition under `out` (see the module docstring); returns out."""
     log(f"student notebooks -> {out / 'notebooks'}")
+    copy_repo_files(out)
     build_notebooks(out / "notebooks", notebooks_dir, run=run, log=log)
     if book:
         from book import build as book_build

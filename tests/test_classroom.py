@@ -155,6 +155,19 @@ def test_student_exercise_notebook_says_not_implemented(student_exercises):
     assert result.returncode == 0, result.stdout[-3000:]
 
 
+def test_notebooks_read_only_the_repository_files_the_edition_ships():
+    """A notebook may read a repository file as Path("..") / ... only if the student edition copies it (REPO_FILES);
+    otherwise the hand-out would fail where students unpack it."""
+    read = set()
+    for path in ALL:
+        for cell in _nb(path)["cells"]:
+            for parts in re.findall(r'Path\("\.\."\)((?:\s*/\s*"[^"]+")+)', _src(cell)):
+                read.add("/".join(re.findall(r'"([^"]+)"', parts)))
+    missing = sorted(read - set(editions.REPO_FILES))
+    assert not missing, f"read by the notebooks, not shipped with the student edition: {missing}"
+    assert all((ROOT / rel).is_file() for rel in editions.REPO_FILES)
+
+
 def _bound_names(source: str) -> set[str]:
     """Top-level names a code cell defines (assignments, defs, imports)."""
     names = set()
