@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dsv3_ref-installed
 # teaching order: notebooks/NN_*.ipynb, then each sub-folder (notebooks/exercises/...)
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb)) $(sort $(wildcard notebooks/*/*.ipynb))
-LINT_PATHS := $(wildcard dsv3_ref tests benchmarks classroom)
+LINT_PATHS := $(wildcard dsv3_ref tests benchmarks scripts classroom)
 
 .PHONY: help venv test lab run notebooks lint book student instructor slides clean
 
@@ -14,7 +14,7 @@ help:
 	@echo "make run    set up $(VENV) and execute every notebook in place (alias: make notebooks)"
 	@echo "make lab    set up $(VENV) and open the notebooks in JupyterLab"
 	@echo "make test   set up $(VENV) and run the unit tests and the notebook checks (nbval)"
-	@echo "make lint   ruff check"
+	@echo "make lint   ruff check (style, imports, complexity)"
 	@echo "make book   build the book offline into book/_build/html (needs npm once, for MathJax)"
 	@echo "make student     the student edition in build/student: notebooks without solutions (executed), book, zip"
 	@echo "make instructor  the instructor edition: the book with solutions (make book) and the slides"

@@ -35,7 +35,9 @@ from timing import race  # benchmarks/timing.py (the script's folder is on sys.p
 from torch import nn
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.fp8 import GEMM_TYPES, FP8Linear, dequantize, fake_quantize, fp8_gemm, quantize
+from dsv3_ref.fp8.formats import dequantize, fake_quantize, quantize
+from dsv3_ref.fp8.gemm import fp8_gemm
+from dsv3_ref.fp8.linear import GEMM_TYPES, FP8Linear
 from dsv3_ref.train import TrainConfig, Trainer
 
 

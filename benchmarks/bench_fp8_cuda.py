@@ -6,7 +6,7 @@
    * "cuBLAS fast accum": `torch._scaled_mm(..., use_fast_accum=True)`, the tensor core's own accumulator all the
      way along K (no promotion: what the report measured, "nearly 2%" at K = 4096);
    * "cuBLAS default": `use_fast_accum=False` (cuBLASLt promotes partial sums to FP32 itself);
-   * "promote every 128": `dsv3_ref.fp8.fp8_gemm(gemm="scaled_mm")`, one FP8 GEMM per 128-wide K group summed in
+   * "promote every 128": `dsv3_ref.fp8.formats.fp8_gemm(gemm="scaled_mm")`, one FP8 GEMM per 128-wide K group summed in
      FP32 (the report's fix, in software);
    * "128-groups, fast accum": one fast-accumulation GEMM per 128-wide K group, summed in FP32 (promotion exactly
      every N_C = 128, as the report's Fig. 7b);
@@ -33,7 +33,8 @@ import torch
 
 from dsv3_ref import ModelConfig, Transformer
 from dsv3_ref.data import CorpusData
-from dsv3_ref.fp8 import fp8_capable, fp8_gemm, quantize
+from dsv3_ref.fp8.formats import quantize
+from dsv3_ref.fp8.gemm import fp8_capable, fp8_gemm
 from dsv3_ref.train import TrainConfig, Trainer
 
 

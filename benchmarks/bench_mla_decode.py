@@ -12,13 +12,13 @@ For each context length `ctx` (the positions the new token attends to: ctx - 1 c
   (d_c + d_r values per position), the naive cache stores what the naive path would have computed from them
   (k = [W_UK c_kv ; k_pe] and v = W_UV c_kv for every head). Both caches so describe the same attention state, and
   the two paths' decode logits must agree (checked);
-* one decode step (`dsv3_ref.generate.decode_step`: the whole model, batch `--batch`) is timed for each path, the
-  two alternating step by step after warm-up so that machine noise hits both alike; the median of `--reps` steps is
-  reported, and the ratio naive / absorbed (> 1: absorbed faster);
+* one decode step (`dsv3_ref.inference.generate.decode_step`: the whole model, batch `--batch`) is timed for each
+  path, the two alternating step by step after warm-up so that machine noise hits both alike; the median of `--reps`
+  steps is reported, and the ratio naive / absorbed (> 1: absorbed faster);
 * the same for the attention module of one layer alone (`MLA.forward` on one token), which isolates what the two
   paths change from the fixed per-token cost (embedding, norms, MoE, output head);
 * cache bytes for `ctx` positions, all layers, float32; the absorbed cache is asserted to be exactly the latent
-  size n_layers * ctx * (kv_lora_rank + qk_rope_head_dim) * 4 bytes (`dsv3_ref.accounting.kv_cache_bytes`).
+  size n_layers * ctx * (kv_lora_rank + qk_rope_head_dim) * 4 bytes (`dsv3_ref.systems.accounting.kv_cache_bytes`).
 
 What to expect. With 4 heads the `small` naive cache is only 4x the latent (71x at 671B), and the absorbed path
 reads the latent twice (for the scores and for the weighted sum), so one layer's cache traffic per step differs by
@@ -39,9 +39,9 @@ import torch
 from timing import race  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from dsv3_ref import KVCache, ModelConfig, Transformer
-from dsv3_ref.accounting import kv_cache_bytes
-from dsv3_ref.generate import decode_step
-from dsv3_ref.rope import apply_rotary_emb
+from dsv3_ref.inference.generate import decode_step
+from dsv3_ref.nn.rope import apply_rotary_emb
+from dsv3_ref.systems.accounting import kv_cache_bytes
 
 IMPLS = ("naive", "absorb")
 

@@ -8,6 +8,7 @@ The crosswalk between the two, and the paper's symbols, is `HF_FIELDS` below and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,6 +18,12 @@ from typing import Any
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ATTN_IMPLS = ("naive", "absorb")
+
+
+def require(cond: bool, msg: str, owner: str) -> None:
+    """The one validator of every config dataclass: ValueError(f"{owner}: {msg}") unless cond."""
+    if not cond:
+        raise ValueError(f"{owner}: {msg}")
 
 
 def from_fields(cls: type, d: dict[str, Any]) -> Any:
@@ -120,11 +127,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError naming the field and what is allowed for every impossible combination."""
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"ModelConfig: {msg}")
-
+        need = functools.partial(require, owner="ModelConfig")
         positive = ["vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts",
                     "n_activated_experts", "n_expert_groups", "n_limited_groups", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"]
@@ -182,66 +185,11 @@ class ModelConfig:
 
         Understands the DeepSeek-V3 and DeepSeek-V2 hub files (`rope_scaling`) and transformers 5's `rope_parameters`.
         """
-        if isinstance(path_or_dict, dict):
-            hf = dict(path_or_dict)
-        else:
-            path = os.fspath(path_or_dict)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
-                raise ValueError(f"from_hf: no config.json at {path!r}")
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
+        hf = dict(path_or_dict) if isinstance(path_or_dict, dict) else _read_hf_json(path_or_dict)
         missing = [k for k in _HF_REQUIRED if k not in hf]
         if missing:
             raise ValueError(f"from_hf: config.json lacks required field(s) {missing}")
-        kw: dict[str, Any] = {}
-        for ours, theirs in HF_FIELDS.items():
-            if theirs in hf and hf[theirs] is not None:
-                kw[ours] = hf[theirs]
-        if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
-            kw["n_mtp_layers"] = hf["num_mtp_layers"]
-        if hf.get("q_lora_rank") is None:
-            kw["q_lora_rank"] = 0
-        if hf.get("n_group") is None:
-            kw["n_expert_groups"] = 1
-        if hf.get("topk_group") is None:
-            kw["n_limited_groups"] = 1
-        if hf.get("first_k_dense_replace") is None:
-            kw["n_dense_layers"] = 0
-        kw["score_func"] = hf.get("scoring_func", "sigmoid" if hf.get("model_type", "deepseek_v3") == "deepseek_v3"
-                                  else "softmax")
-        norm_topk = hf.get("norm_topk_prob")
-        if norm_topk is not None and bool(norm_topk) != (kw["score_func"] == "sigmoid"):
-            warnings.warn(f"from_hf: norm_topk_prob={norm_topk} with scoring_func={kw['score_func']!r}: "
-                          "dsv3_ref follows the official code (renormalise sigmoid weights, never softmax weights)",
-                          stacklevel=2)
-        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-        theta = hf.get("rope_theta", rope.get("rope_theta"))
-        if theta is not None:
-            kw["rope_theta"] = float(theta)
-        rope_type = rope.get("type", rope.get("rope_type", "default"))
-        kw["max_seq_len"] = int(hf["max_position_embeddings"])
-        if rope_type == "yarn":
-            kw["rope_factor"] = float(rope["factor"])
-            kw["original_seq_len"] = int(rope.get("original_max_position_embeddings", 4096))
-            kw["beta_fast"] = rope.get("beta_fast", 32)
-            kw["beta_slow"] = rope.get("beta_slow", 1)
-            mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-            # HF scales cos/sin by get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) when both are non-zero, else
-            # by 0.1 ln s + 1; the official code has no such factor, so only equal non-zero values are expressible
-            if not (mscale and mscale_all and math.isclose(float(mscale), float(mscale_all))):
-                raise ValueError(f"from_hf: rope_scaling.mscale ({mscale}) and mscale_all_dim ({mscale_all}) must be "
-                                 "equal and non-zero: the official code has one mscale (HF's mscale_all_dim)")
-            kw["mscale"] = float(mscale_all)
-            if kw["max_seq_len"] <= kw["original_seq_len"]:
-                warnings.warn("from_hf: YaRN is configured but max_position_embeddings <= original_max_position_"
-                              "embeddings, so (as in the official code) it is inactive", stacklevel=2)
-        elif rope_type in ("default", None):
-            kw["original_seq_len"] = kw["max_seq_len"]
-        else:
-            raise ValueError(f"from_hf: rope type {rope_type!r} is not supported; allowed: 'yarn' or 'default'")
-        return cls(**kw)
+        return cls(**_hf_fields(hf), **_hf_rope(hf))
 
     def to_hf(self) -> dict[str, Any]:
         """The equivalent Hugging Face `config.json` dict (DeepSeek-V3 hub layout; loadable by transformers)."""
@@ -298,6 +246,68 @@ HF_FIELDS: dict[str, str] = {
 }
 _HF_REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"]
+
+
+# ------------------------------------------------------------------ from_hf, step by step
+def _read_hf_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed `config.json` at `path` (the file or its folder)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"from_hf: no config.json at {path!r}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Our fields from the HF names (`HF_FIELDS`), a null meaning the feature is off, and the scoring function."""
+    kw = {ours: hf[theirs] for ours, theirs in HF_FIELDS.items() if hf.get(theirs) is not None}
+    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+        kw["n_mtp_layers"] = hf["num_mtp_layers"]
+    for theirs, ours, off in (("q_lora_rank", "q_lora_rank", 0), ("n_group", "n_expert_groups", 1),
+                              ("topk_group", "n_limited_groups", 1), ("first_k_dense_replace", "n_dense_layers", 0)):
+        if hf.get(theirs) is None:
+            kw[ours] = off
+    kw["score_func"] = hf.get("scoring_func", "sigmoid" if hf.get("model_type", "deepseek_v3") == "deepseek_v3"
+                              else "softmax")
+    norm_topk = hf.get("norm_topk_prob")
+    if norm_topk is not None and bool(norm_topk) != (kw["score_func"] == "sigmoid"):
+        warnings.warn(f"from_hf: norm_topk_prob={norm_topk} with scoring_func={kw['score_func']!r}: "
+                      "dsv3_ref follows the official code (renormalise sigmoid weights, never softmax weights)",
+                      stacklevel=3)
+    return kw
+
+
+def _hf_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta, max_seq_len and the YaRN fields from `rope_scaling` (hub) or `rope_parameters` (transformers 5)."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kw: dict[str, Any] = {"max_seq_len": int(hf["max_position_embeddings"])}
+    theta = hf.get("rope_theta", rope.get("rope_theta"))
+    if theta is not None:
+        kw["rope_theta"] = float(theta)
+    rope_type = rope.get("type", rope.get("rope_type", "default"))
+    if rope_type in ("default", None):
+        kw["original_seq_len"] = kw["max_seq_len"]
+        return kw
+    if rope_type != "yarn":
+        raise ValueError(f"from_hf: rope type {rope_type!r} is not supported; allowed: 'yarn' or 'default'")
+    kw["rope_factor"] = float(rope["factor"])
+    kw["original_seq_len"] = int(rope.get("original_max_position_embeddings", 4096))
+    kw["beta_fast"] = rope.get("beta_fast", 32)
+    kw["beta_slow"] = rope.get("beta_slow", 1)
+    mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    # HF scales cos/sin by get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) when both are non-zero, else
+    # by 0.1 ln s + 1; the official code has no such factor, so only equal non-zero values are expressible
+    if not (mscale and mscale_all and math.isclose(float(mscale), float(mscale_all))):
+        raise ValueError(f"from_hf: rope_scaling.mscale ({mscale}) and mscale_all_dim ({mscale_all}) must be "
+                         "equal and non-zero: the official code has one mscale (HF's mscale_all_dim)")
+    kw["mscale"] = float(mscale_all)
+    if kw["max_seq_len"] <= kw["original_seq_len"]:
+        warnings.warn("from_hf: YaRN is configured but max_position_embeddings <= original_max_position_"
+                      "embeddings, so (as in the official code) it is inactive", stacklevel=3)
+    return kw
+
 
 _V2 = dict(vocab_size=102400, score_func="softmax", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
            qk_rope_head_dim=64, v_head_dim=128, max_seq_len=163840, original_seq_len=4096, rope_factor=40.0,

@@ -3,8 +3,9 @@
     python scripts/make_reference_outputs.py            # rewrite dsv3_ref/reference_outputs/<name>.safetensors
     python scripts/make_reference_outputs.py --check    # compare a fresh regeneration with the shipped files
 
-Each reference model (`dsv3_ref.validate.REFERENCES`) is rebuilt from its seed; its logits, per-layer hidden states,
-routing and MTP logits on the reference tokens are written with safetensors (float32; a few hundred KB in all).
+Each reference model (`dsv3_ref.teaching.validate.REFERENCES`) is rebuilt from its seed; its logits, per-layer hidden
+states, routing and MTP logits on the reference tokens are written with safetensors (float32; a few hundred KB in
+all).
 Run it after a change that is meant to change what the model computes, and say why in the commit.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3_ref import validate
+from dsv3_ref.teaching import validate
 
 
 def main(argv: list[str] | None = None) -> int:

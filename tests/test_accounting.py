@@ -8,8 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dsv3_ref import KVCache, ModelConfig, Transformer
-from dsv3_ref import accounting as acc
-from dsv3_ref.__main__ import main
+from dsv3_ref.cli import main
+from dsv3_ref.systems import accounting as acc
 
 # facts sheet §5.1: the 671B model by component (gate bias included as a parameter, as the official code stores it)
 FULL_671B = {
@@ -200,8 +200,8 @@ def test_checkpoint_bytes_671b(cfg671):
 def test_checkpoint_bytes_match_the_converted_model(overrides):
     """Closed form vs the tensors the hub format stores for a model converted by `convert_to_fp8`: every FP8Linear
     weight is E4M3 with a ceil(out/128) x ceil(in/128) scale, the gate biases fp32, the rest (MTP copies too) BF16."""
-    from dsv3_ref.checkpoint import hub_state_dict
-    from dsv3_ref.fp8 import FP8Linear, convert_to_fp8
+    from dsv3_ref.fp8.linear import FP8Linear, convert_to_fp8
+    from dsv3_ref.io.checkpoint import hub_state_dict
 
     cfg = ModelConfig.from_preset("tiny", **overrides)
     with torch.device("meta"):
@@ -229,7 +229,7 @@ def test_checkpoint_bytes_match_the_converted_model(overrides):
 def test_fp8_linear_inputs_match_the_model():
     """Per token, the distinct input tensors of the FP8 linear layers in a forward pass (w1 and w3, wq_a and wkv_a
     share theirs) hold exactly `fp8_linear_inputs(cfg)["total"]` values; per layer type too."""
-    from dsv3_ref.fp8 import FP8Linear, convert_to_fp8
+    from dsv3_ref.fp8.linear import FP8Linear, convert_to_fp8
 
     cfg = ModelConfig.from_preset("tiny")
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ import torch
 from torch.testing import assert_close
 
 from dsv3_ref import MLA, KVCache, ModelConfig, Transformer
-from dsv3_ref.attention import causal_mask
-from dsv3_ref.rope import apply_rotary_emb, precompute_freqs_cis
+from dsv3_ref.nn.attention import causal_mask
+from dsv3_ref.nn.rope import apply_rotary_emb, precompute_freqs_cis
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 # tiny, plus YaRN switched on (max_seq_len 256 > original 64, s = 4) so the mscale^2 softmax scale is exercised

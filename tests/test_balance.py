@@ -5,12 +5,10 @@ import torch
 from torch.testing import assert_close
 
 from dsv3_ref import Gate, ModelConfig, Transformer
-from dsv3_ref.balance import (
+from dsv3_ref.data import CorpusData
+from dsv3_ref.nn.moe import Routing
+from dsv3_ref.objectives.balance import (
     PAPER_FREEZE_FRACTION,
-    ExpertAuxLoss,
-    LoadMonitor,
-    LossFreeBalancing,
-    SequenceBalanceLoss,
     collect_loads,
     expert_aux_loss,
     expert_load,
@@ -21,9 +19,15 @@ from dsv3_ref.balance import (
     sequence_balance_loss,
     update_bias,
 )
-from dsv3_ref.data import CorpusData
-from dsv3_ref.moe import Routing
-from dsv3_ref.train import TrainConfig, Trainer, TrainHook
+from dsv3_ref.train import (
+    ExpertAuxLoss,
+    LoadMonitor,
+    LossFreeBalancing,
+    SequenceBalanceLoss,
+    TrainConfig,
+    Trainer,
+    TrainHook,
+)
 
 
 def _gate(seed: int = 0, group_score: str = "official", bias_std: float = 0.0, **overrides) -> tuple[ModelConfig, Gate]:
@@ -62,10 +66,6 @@ class _Trainer:
 def _tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(ModelConfig.from_preset("tiny", **overrides))
-
-
-def _tokens(batch: int, seq: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------------------------------- gate variants
@@ -159,18 +159,18 @@ def test_expert_load_and_max_vio_on_known_loads():
     assert_close(max_vio(layers), torch.tensor([1.0, 3.0]))  # 3 = E/K - 1 for E = 4, K = 1: all on one expert
 
 
-def test_last_routing_scores_keep_the_graph():
+def test_last_routing_scores_keep_the_graph(random_tokens):
     model = _tiny_model()
-    model(_tokens(2, 8, 0))
+    model(random_tokens(2, 8, 0))
     layers = moe_layers(model)
     assert list(layers) == ["layers.1.ffn", "layers.2.ffn"]
     for moe in layers.values():
         assert moe.last_routing.scores.requires_grad and moe.last_routing.scores.grad_fn is not None
 
 
-def test_collect_loads_sums_over_batches():
+def test_collect_loads_sums_over_batches(random_tokens):
     model = _tiny_model()
-    batches = [_tokens(2, 8, s) for s in range(3)]
+    batches = [random_tokens(2, 8, s) for s in range(3)]
     loads = collect_loads(model, batches)
     cfg = model.config
     per_batch = [collect_loads(model, [b]) for b in batches]
@@ -180,9 +180,9 @@ def test_collect_loads_sums_over_batches():
     assert max_vio(torch.stack(list(loads.values()))).shape == (2,)
 
 
-def test_loads_by_label_splits_collect_loads():
+def test_loads_by_label_splits_collect_loads(random_tokens):
     model = _tiny_model()
-    tokens = [_tokens(2, 8, s) for s in range(2)]
+    tokens = [random_tokens(2, 8, s) for s in range(2)]
     labels = [torch.arange(16).view(2, 8) % 3 for _ in tokens]
     by_label = loads_by_label(model, list(zip(tokens, labels, strict=True)), n_labels=3)
     total = collect_loads(model, tokens)
@@ -210,7 +210,7 @@ def test_update_bias_sign_rule_lowers_overloaded():
         LossFreeBalancing(rule="sgn")
 
 
-def test_bias_has_no_gradient_and_is_not_in_the_optimizer():
+def test_bias_has_no_gradient_and_is_not_in_the_optimizer(random_tokens):
     model = _tiny_model()
     biases = [moe.gate.bias for moe in moe_layers(model).values()]
     params = list(model.parameters())
@@ -222,7 +222,7 @@ def test_bias_has_no_gradient_and_is_not_in_the_optimizer():
         for b in biases:
             b.normal_(0.0, 0.1)
     before = [b.clone() for b in biases]
-    tokens = _tokens(2, 8, 0)
+    tokens = random_tokens(2, 8, 0)
     hook = SequenceBalanceLoss(alpha=1.0)
     logits = model(tokens)
     loss = logits.logsumexp(-1).mean() + hook.loss_terms(_Trainer(model), tokens, None, None, logits)[
@@ -274,7 +274,7 @@ def test_one_bias_update_per_optimizer_step_with_gradient_accumulation():
         assert entry["maxvio_batch"] >= 0 and entry["balance_gamma"] == gamma and entry["seq_balance_loss"] > 0
 
 
-def test_gamma_schedule_freezes_the_bias():
+def test_gamma_schedule_freezes_the_bias(random_tokens):
     assert PAPER_FREEZE_FRACTION == pytest.approx(0.5 / 14.8)
     schedule = freeze_schedule(14_800)  # "tokens": the paper's 14.8T scaled down
     assert schedule(0) == schedule(14_300) == 1.0
@@ -286,8 +286,8 @@ def test_gamma_schedule_freezes_the_bias():
     moes = list(moe_layers(model).values())
     for step in range(2):
         before = [m.gate.bias.clone() for m in moes]
-        model(_tokens(2, 7, step))
-        hook.loss_terms(trainer, _tokens(2, 7, step), None, None, None)
+        model(random_tokens(2, 7, step))
+        hook.loss_terms(trainer, random_tokens(2, 7, step), None, None, None)
         trainer.step += 1
         hook.after_step(trainer, trainer.step)
         moved = any(not torch.equal(m.gate.bias, b) for m, b in zip(moes, before, strict=True))
@@ -301,10 +301,10 @@ def test_loss_free_balancing_needs_a_bias():
         LossFreeBalancing().on_train_start(_Trainer(model))
 
 
-def test_loss_free_updates_reduce_max_vio_on_the_tiny_model():
+def test_loss_free_updates_reduce_max_vio_on_the_tiny_model(random_tokens):
     """Fixed random inputs, the weights frozen, only the bias moving: MaxVio_batch falls (measured: 0.46 -> ~0.05)."""
     model = _tiny_model()
-    tokens = _tokens(8, 32, 1)
+    tokens = random_tokens(8, 32, 1)
     trainer = _Trainer(model)
     hook = LossFreeBalancing(gamma=1e-3)
     hook.on_train_start(trainer)
@@ -319,10 +319,10 @@ def test_loss_free_updates_reduce_max_vio_on_the_tiny_model():
     assert max(vio[-5:]) < 0.5 * vio[0]
 
 
-def test_load_monitor_reports_max_vio_and_skips_stale_routings():
+def test_load_monitor_reports_max_vio_and_skips_stale_routings(random_tokens):
     model = _tiny_model()
     trainer, hook = _Trainer(model), LoadMonitor()
-    tokens = _tokens(2, 8, 0)
+    tokens = random_tokens(2, 8, 0)
     model(tokens)
     hook.loss_terms(trainer, tokens, None, None, None)
     hook.loss_terms(trainer, tokens, None, None, None)  # no new forward: the routing is not counted twice
@@ -372,9 +372,9 @@ def test_balance_losses_are_differentiable_wrt_the_gate():
 
 
 @pytest.mark.parametrize("hook_cls, key", [(SequenceBalanceLoss, "seq_balance_loss"), (ExpertAuxLoss, "aux_loss")])
-def test_loss_hooks_sum_the_layers(hook_cls, key):
+def test_loss_hooks_sum_the_layers(hook_cls, key, random_tokens):
     model = _tiny_model()
-    tokens = _tokens(3, 8, 0)
+    tokens = random_tokens(3, 8, 0)
     model(tokens)
     hook = hook_cls(alpha=0.5)
     terms = hook.loss_terms(_Trainer(model), tokens, None, None, None)

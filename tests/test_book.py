@@ -103,7 +103,7 @@ def test_weight_crosswalk_matches_the_code():
     import torch
 
     from dsv3_ref import ModelConfig, Transformer
-    from dsv3_ref.checkpoint import hub_key
+    from dsv3_ref.io.checkpoint import hub_key
 
     rows = _table(BOOK / "notation.md", "Weights")
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""Hub-format checkpoints (dsv3_ref.checkpoint): round trips, shards, FP8 block scales, MTP, and every bad input."""
+"""Hub-format checkpoints (dsv3_ref.io.checkpoint): round trips, shards, FP8 block scales, MTP, and every bad input."""
 
 import json
 import math
@@ -9,17 +9,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.checkpoint import (
+from dsv3_ref.fp8.formats import block_dequant
+from dsv3_ref.io.checkpoint import (
     INDEX_NAME,
     WEIGHTS_NAME,
+    from_pretrained,
     hub_key,
     hub_state_dict,
     key_map,
-    load_pretrained,
     our_key,
     save_pretrained,
 )
-from dsv3_ref.fp8 import block_dequant
 
 TOKENS = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -79,7 +79,7 @@ def test_key_map_examples_and_inverse():
 # ------------------------------------------------------------------ round trips
 def test_round_trip_is_exact(tmp_path):
     model = _model(n_mtp_layers=1)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", WEIGHTS_NAME]  # no temp files left behind
     stored = load_file(tmp_path / WEIGHTS_NAME)
     assert stored["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
@@ -89,7 +89,7 @@ def test_round_trip_is_exact(tmp_path):
     assert "model.layers.3.shared_head.norm.weight" in stored
     assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
 
-    loaded = Transformer.from_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
     assert loaded.config == model.config
     _assert_same(model, loaded)
     with torch.no_grad():
@@ -100,13 +100,13 @@ def test_round_trip_is_exact(tmp_path):
 def test_bf16_load_keeps_gate_bias_fp32(tmp_path):
     model = _model()
     save_pretrained(model, tmp_path)
-    loaded = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    loaded = from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.embed.weight.dtype == torch.bfloat16 and loaded.layers[0].attn_norm.weight.dtype == torch.bfloat16
     assert loaded.layers[1].ffn.gate.bias.dtype == torch.float32
     assert torch.equal(loaded.layers[1].ffn.gate.bias, model.layers[1].ffn.gate.bias)
     assert torch.equal(loaded.head.weight, model.head.weight.bfloat16())
     with pytest.raises(ValueError, match="dtype must be one of"):
-        load_pretrained(tmp_path, dtype=torch.int8)
+        from_pretrained(tmp_path, dtype=torch.int8)
 
 
 def test_sharded_round_trip(tmp_path):
@@ -121,7 +121,7 @@ def test_sharded_round_trip(tmp_path):
         tensors = load_file(tmp_path / shard)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         assert nbytes <= limit or len(tensors) == 1
-    loaded = load_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
     _assert_same(model, loaded)
     with torch.no_grad():
         assert torch.equal(loaded(TOKENS), model(TOKENS))
@@ -147,13 +147,13 @@ def test_fused_expert_layout_is_accepted(tmp_path):
             t[p + "down_proj"] = torch.stack(down)
 
     _rewrite(tmp_path, fuse)
-    loaded = load_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
     _assert_same(model, loaded)
 
     _rewrite(tmp_path, lambda t: t.update({"model.layers.1.mlp.experts.down_proj": torch.zeros(E, 64, 31)}))
     with pytest.raises(ValueError, match=r"mlp\.experts\.down_proj: checkpoint \(8, 64, 31\), "
                                          r"model expects \(8, 64, 32\)"):
-        load_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------ FP8
@@ -209,7 +209,7 @@ def test_fp8_checkpoint_is_dequantized(tmp_path):
     assert stored["model.layers.1.self_attn.q_a_proj.weight_scale_inv"].shape == (2, 2)  # 136 x 160
     assert len(expected) == 2 * 5 + 3 + 4 * 3 + 3  # attention x 2 layers, dense MLP, 4 experts, shared expert
 
-    loaded = load_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
     sd, original = loaded.state_dict(), model.state_dict()
     names = {hub_key(name, 2): name for name in sd}
     for key, deq in expected.items():
@@ -218,25 +218,25 @@ def test_fp8_checkpoint_is_dequantized(tmp_path):
         # e4m3 keeps 3 mantissa bits: relative error <= 2^-4, absolute <= 2^-10 * scale in the subnormal range
         assert ((w - w0).abs() <= w0.abs() / 16 + w0.abs().max() / 448 * 2**-10 + 1e-12).all(), key
     assert torch.equal(sd["embed.weight"], original["embed.weight"])  # BF16/FP32 tensors pass through
-    bf16 = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    bf16 = from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert torch.equal(bf16.layers[0].ffn.w1.weight, expected["model.layers.0.mlp.gate_proj.weight"].bfloat16())
 
     _rewrite(tmp_path, lambda t: t.pop("model.layers.0.mlp.up_proj.weight_scale_inv"))
     with pytest.raises(ValueError, match=r"without their '_scale_inv' companion 1: "
                                          r"\[model\.layers\.0\.mlp\.up_proj\.weight\]"):
-        load_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------ MTP
 def test_mtp_loaded_or_skipped(tmp_path):
     model = _model(n_mtp_layers=1)
     save_pretrained(model, tmp_path)
-    loaded = load_pretrained(tmp_path)  # config asks for MTP: loaded
+    loaded = from_pretrained(tmp_path)  # config asks for MTP: loaded
     assert loaded.config.n_mtp_layers == 1
     _assert_same(model, loaded)
 
     with pytest.warns(UserWarning, match=r"skipping the MTP layer\(s\) \[model\.layers\.3\] \(load_mtp=False\)"):
-        skipped = load_pretrained(tmp_path, load_mtp=False)
+        skipped = from_pretrained(tmp_path, load_mtp=False)
     assert skipped.config.n_mtp_layers == 0 and len(skipped.mtp) == 0
     with torch.no_grad():
         assert torch.equal(skipped(TOKENS), model(TOKENS))
@@ -244,9 +244,9 @@ def test_mtp_loaded_or_skipped(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
     with pytest.warns(UserWarning, match=r"declares no MTP module .* \[model\.layers\.3\] are skipped"):
-        assert load_pretrained(tmp_path).config.n_mtp_layers == 0
+        assert from_pretrained(tmp_path).config.n_mtp_layers == 0
     with pytest.raises(ValueError, match="load_mtp=True but config.json declares num_nextn_predict_layers=0"):
-        load_pretrained(tmp_path, load_mtp=True)
+        from_pretrained(tmp_path, load_mtp=True)
 
 
 def test_extra_mtp_layer_is_unexpected(tmp_path):
@@ -254,7 +254,7 @@ def test_extra_mtp_layer_is_unexpected(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \d+: \[model\.layers\.4\."):
-        load_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_mtp_declared_but_not_stored(tmp_path):
@@ -264,24 +264,24 @@ def test_mtp_declared_but_not_stored(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     with pytest.warns(UserWarning, match="declares num_nextn_predict_layers=1 but the checkpoint stores no"):
-        assert load_pretrained(tmp_path).config.n_mtp_layers == 0
+        assert from_pretrained(tmp_path).config.n_mtp_layers == 0
     with pytest.raises(ValueError, match=r"missing tensor\(s\) \(hub names\) \d+: \[model\.layers\.3\.enorm\.weight"):
-        load_pretrained(tmp_path, load_mtp=True)
+        from_pretrained(tmp_path, load_mtp=True)
 
 
 def test_mtp_duplicates_are_checked_not_loaded(tmp_path):
     model = _model(n_mtp_layers=1)
     save_pretrained(model, tmp_path)
     _rewrite(tmp_path, lambda t: t.pop("model.layers.3.shared_head.head.weight"))
-    _assert_same(model, load_pretrained(tmp_path))  # the copies are optional
+    _assert_same(model, from_pretrained(tmp_path))  # the copies are optional
     _rewrite(tmp_path, lambda t: t["model.layers.3.embed_tokens.weight"].mul_(2))
     with pytest.warns(UserWarning, match=r"model\.layers\.3\.embed_tokens\.weight differs from model\.embed_tokens"):
-        loaded = load_pretrained(tmp_path)
+        loaded = from_pretrained(tmp_path)
     assert torch.equal(loaded.embed.weight, model.embed.weight)
     _rewrite(tmp_path, lambda t: t.update({"model.layers.3.embed_tokens.weight": torch.zeros(3, 3)}))
     with pytest.raises(ValueError, match=r"mis-shaped .*model\.layers\.3\.embed_tokens\.weight: checkpoint "
                                          r"\(3, 3\), but it duplicates model\.embed_tokens\.weight \(259, 64\)"):
-        load_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------ bad checkpoints
@@ -295,10 +295,10 @@ def test_missing_keys(saved):
     _rewrite(saved, lambda t: [t.pop(k) for k in list(t) if ".experts." in k or k == "model.norm.weight"])
     with pytest.raises(ValueError, match=r"missing tensor\(s\) \(hub names\) 49: \[model\.layers\.1\.mlp\.experts\.0"
                                          r"\.gate_proj\.weight, .*\.\.\. \(39 more\)\]") as e:
-        load_pretrained(saved)
+        from_pretrained(saved)
     assert "model.norm.weight" not in str(e.value)  # only the first 10 names are listed...
     with pytest.warns(UserWarning, match=r"missing 49: .* \(kept randomly initialised\)"):
-        model = load_pretrained(saved, strict=False)  # ...and strict=False keeps a fresh initialisation
+        model = from_pretrained(saved, strict=False)  # ...and strict=False keeps a fresh initialisation
     assert torch.equal(model.norm.weight, torch.ones(64))
 
 
@@ -307,9 +307,9 @@ def test_unexpected_keys(saved):
                                         "model.extra.weight": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"unexpected tensor\(s\) 2: \[model\.extra\.weight, "
                                          r"model\.layers\.0\.mlp\.gate\.weight\]"):
-        load_pretrained(saved)
+        from_pretrained(saved)
     with pytest.warns(UserWarning, match=r"unexpected 2: .* \(ignored\)"):
-        load_pretrained(saved, strict=False)
+        from_pretrained(saved, strict=False)
 
 
 def test_wrong_shape(saved):
@@ -317,43 +317,43 @@ def test_wrong_shape(saved):
     for strict in (True, False):
         with pytest.raises(ValueError, match=r"mis-shaped tensor\(s\) 1: \[model\.layers\.1\.self_attn\.kv_b_proj"
                                              r"\.weight: checkpoint \(128, 31\), model expects \(128, 32\)\]"):
-            load_pretrained(saved, strict=strict)
+            from_pretrained(saved, strict=strict)
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(ModelConfig().to_hf()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
     with pytest.raises(ValueError, match=r"found only \['pytorch_model\.bin'\]; only safetensors"):
-        load_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="only safetensors checkpoints are supported"):
-        load_pretrained(tmp_path / "pytorch_model.bin")
+        from_pretrained(tmp_path / "pytorch_model.bin")
 
 
 def test_corrupt_safetensors(saved):
     (saved / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!garbage!")
     with pytest.raises(ValueError, match=r"model\.safetensors: not a valid safetensors file"):
-        load_pretrained(saved)
+        from_pretrained(saved)
 
 
 def test_truncated_safetensors(saved):
     data = (saved / WEIGHTS_NAME).read_bytes()
     (saved / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"model\.safetensors: "):
-        load_pretrained(saved)
+        from_pretrained(saved)
 
 
 def test_missing_config(saved):
     os.remove(saved / "config.json")
     with pytest.raises(ValueError, match=r"no config\.json"):
-        load_pretrained(saved)
+        from_pretrained(saved)
 
 
 def test_missing_weights_and_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(ModelConfig().to_hf()))
     with pytest.raises(ValueError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
-        load_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no such checkpoint folder"):
-        load_pretrained(tmp_path / "absent")
+        from_pretrained(tmp_path / "absent")
 
 
 def test_bad_index(tmp_path):
@@ -364,13 +364,13 @@ def test_bad_index(tmp_path):
     (tmp_path / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=rf"{first}: the index lists tensor\(s\) this file lacks, 1: "
                                          r"\[model\.layers\.9\.extra\.weight\]"):
-        load_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     os.remove(tmp_path / first)
     with pytest.raises(ValueError, match=rf"lists shard file\(s\) that do not exist: \['{first}'\]"):
-        load_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     (tmp_path / INDEX_NAME).write_text("{not json")
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not a valid safetensors index"):
-        load_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_meta_model_cannot_be_saved(tmp_path):

@@ -138,7 +138,7 @@ def test_student_exercise_notebook_says_not_implemented(student_exercises):
     """Executed without the solutions, every checker of the student notebook reports its exercise as not
     implemented yet (and nothing as passed), and nbval re-runs it to the same outputs: nbval covers the student
     edition too."""
-    from dsv3_ref import exercises as ex
+    from dsv3_ref.teaching import exercises as ex
 
     path = student_exercises / "01_student.ipynb"
     nb = _nb(path)
@@ -274,7 +274,7 @@ def _rubric_table(heading: str) -> list[list[str]]:
 
 
 def test_rubric_covers_every_autograded_exercise():
-    from dsv3_ref import exercises as ex
+    from dsv3_ref.teaching import exercises as ex
 
     rows = _rubric_table("Autograded exercises (100 points)")
     assert sum(int(r[4]) for r in rows) == 100

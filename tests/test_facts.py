@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dsv3_ref import ModelConfig
-from dsv3_ref import accounting as acc
+from dsv3_ref.systems import accounting as acc
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = ROOT / "docs" / "facts.md"

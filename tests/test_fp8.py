@@ -1,4 +1,5 @@
-"""dsv3_ref.fp8: quantisation bounds and layouts, edge cases, the accumulation model, FP8Linear, conversion."""
+"""dsv3_ref.fp8 (formats, gemm, linear): quantisation bounds and layouts, edge cases, the accumulation model,
+FP8Linear, conversion."""
 
 import math
 
@@ -8,29 +9,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.fp8 import (
+from dsv3_ref.fp8.formats import (
     BLOCKS,
     E4M3_MAX,
     E5M2_MAX,
     FORMATS,
-    GEMM_TYPES,
     GRAD_AMAX_FLOOR,
-    FP8Linear,
-    _align,
-    _truncate,
-    accumulation_error,
     block_dequant,
     block_quant,
-    convert_to_fp8,
     dequantize,
     fake_quantize,
-    fp8_capable,
-    fp8_gemm,
     quantization_error,
     quantize,
     round_to_fp8_,
     to_float,
 )
+from dsv3_ref.fp8.gemm import _align, _truncate, accumulation_error, fp8_capable, fp8_gemm
+from dsv3_ref.fp8.linear import GEMM_TYPES, FP8Linear, InputQuantCache, convert_to_fp8
 
 
 def _wide(shape, seed=0):
@@ -375,7 +370,8 @@ def test_fp8linear_reuses_quantised_operands_while_unchanged():
     """The weight's 128x128 operand is computed once per version of the weight (an optimizer step or an in-place
     write makes a new one); an input two layers read (SwiGLU's w1 and w3) is quantised once; results are unchanged."""
     torch.manual_seed(0)
-    a, b = FP8Linear(200, 136, gemm="dequant"), FP8Linear(200, 72, gemm="dequant")
+    shared = InputQuantCache()  # as convert_to_fp8 gives the layers of one model
+    a, b = (FP8Linear(200, n, gemm="dequant", input_cache=shared) for n in (136, 72))
     w_op = a.weight_operand()
     assert a.weight_operand() is w_op
     x = torch.randn(3, 50, 200, requires_grad=True)

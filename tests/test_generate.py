@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dsv3_ref import ModelConfig, Transformer
+from dsv3_ref import ModelConfig, Transformer, save_pretrained
 from dsv3_ref.data import BOS_ID, decode, encode
-from dsv3_ref.generate import decode_step, generate, generate_text, prefill
+from dsv3_ref.inference.generate import decode_step, generate, generate_text, prefill
 
 PROMPTS = [[BOS_ID, 72, 101, 108, 108, 111], [BOS_ID, 65], [BOS_ID, 1, 2, 3, 4, 5, 6, 7, 8, 9]]  # lengths 6, 2, 10
 
@@ -127,9 +127,9 @@ def test_generate_text_encodes_and_decodes_bytes(model):
 
 
 def test_cli_generate(model, tmp_path, capsys):
-    from dsv3_ref.__main__ import main
+    from dsv3_ref.cli import main
 
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert main(["generate", str(tmp_path), "--prompt", "ab", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ab")

@@ -1,7 +1,7 @@
 """Cross-check against transformers' DeepseekV3ForCausalLM through the checkpoint format, both directions.
 
 HF -> ours: a randomly initialised HF model saved with its own `save_pretrained`, loaded by
-`Transformer.from_pretrained`. Ours -> HF: ours saved with `save_pretrained`, loaded by
+`dsv3_ref.from_pretrained`. Ours -> HF: ours saved with `dsv3_ref.save_pretrained`, loaded by
 `DeepseekV3ForCausalLM.from_pretrained`. Float32, eager attention, prefill of 16 tokens, batch 2; logits agree to
 1e-4. The correction biases are positive, so biased scores stay > 0 (where HF's and the official group masking agree
 even in older transformers versions, which masked with 0 rather than -inf).
@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
-from dsv3_ref import ModelConfig, Transformer  # noqa: E402
+from dsv3_ref import ModelConfig, Transformer, from_pretrained, save_pretrained  # noqa: E402
 
 CONFIGS = {
     # (a) correction biases alone decide between experts (one group), query compression on
@@ -26,10 +26,6 @@ CONFIGS = {
     "yarn": dict(max_seq_len=256, original_seq_len=32, rope_factor=8.0, mscale=0.707),
 }
 STD, NORM_STD, BIAS_MAX = 0.15, 0.2, 0.3
-
-
-def _tokens(cfg: ModelConfig) -> torch.Tensor:
-    return torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
 @torch.no_grad()
@@ -72,15 +68,15 @@ def _hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_hf_checkpoint_loads_into_ours(name, tmp_path):
+def test_hf_checkpoint_loads_into_ours(name, tmp_path, random_tokens):
     cfg = ModelConfig.from_preset("tiny", **CONFIGS[name])
     hf_model = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg.to_hf(), attn_implementation="eager")).eval()
     _randomize(hf_model.named_parameters(), hf_model.named_buffers(), seed=0)
     hf_model.save_pretrained(tmp_path)
 
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert ours.config == cfg  # transformers' config.json (rope_parameters, ...) reads back to the same config
-    tokens = _tokens(cfg)
+    tokens = random_tokens(2, 16, seed=1, vocab=cfg.vocab_size)
     diff = (_hf_logits(hf_model, tokens) - ours(tokens)).abs().max().item()
     print(f"{name}: HF -> ours max |dlogit| = {diff:.2e}")
     assert diff < 1e-4
@@ -88,16 +84,16 @@ def test_hf_checkpoint_loads_into_ours(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_our_checkpoint_loads_into_hf(name, tmp_path):
+def test_our_checkpoint_loads_into_hf(name, tmp_path, random_tokens):
     cfg = ModelConfig.from_preset("tiny", **CONFIGS[name])
     ours = Transformer(cfg)
     _randomize(ours.named_parameters(), ours.named_buffers(), seed=1)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
 
     hf_model, info = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                            dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    tokens = _tokens(cfg)
+    tokens = random_tokens(2, 16, seed=1, vocab=cfg.vocab_size)
     with torch.no_grad():
         diff = (_hf_logits(hf_model.eval(), tokens) - ours(tokens)).abs().max().item()
     print(f"{name}: ours -> HF max |dlogit| = {diff:.2e}")

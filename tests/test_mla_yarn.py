@@ -8,7 +8,7 @@ tests/test_generate.py (prefill + decode == full forward, plain RoPE). Here:
   `DeepseekV3Attention.scaling`, for the 671B hub settings and a few others, with YaRN active and inactive;
 * the one place where the two disagree on purpose (facts §6.2 item 1): HF applies YaRN whenever the rope type is
   "yarn", the official code (and dsv3_ref) only when max_seq_len > original_seq_len;
-* whole-model prefill then decode steps (`dsv3_ref.generate.prefill` / `decode_step`) with YaRN active and the
+* whole-model prefill then decode steps (`dsv3_ref.inference.generate.prefill` / `decode_step`) with YaRN active and the
   671B rope geometry (d_r = 64, s = 40), crossing the original context length: naive == absorb at every step, and
   both == a full uncached forward.
 """
@@ -21,8 +21,8 @@ import torch
 from torch.testing import assert_close
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.generate import decode_step, prefill
-from dsv3_ref.rope import rope_frequencies
+from dsv3_ref.inference.generate import decode_step, prefill
+from dsv3_ref.nn.rope import rope_frequencies
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config  # noqa: E402

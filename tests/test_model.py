@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dsv3_ref import ModelConfig, MoE, Transformer
-from dsv3_ref.attention import causal_mask
-from dsv3_ref.layers import MLP
-from dsv3_ref.mtp import MTPModule
+from dsv3_ref.nn.attention import causal_mask
+from dsv3_ref.nn.layers import MLP
+from dsv3_ref.nn.model import MTPModule
 
 TINY = ModelConfig.from_preset("tiny")
 
@@ -18,10 +18,6 @@ def model() -> Transformer:
     m = Transformer(TINY)
     m.reset_parameters(seed=0)
     return m
-
-
-def _tokens(B: int, T: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def test_structure_uses_official_names(model):
@@ -38,8 +34,8 @@ def test_structure_uses_official_names(model):
     assert model.head.weight.data_ptr() != model.embed.weight.data_ptr()  # untied
 
 
-def test_logits_shape(model):
-    tokens = _tokens(2, 9)
+def test_logits_shape(model, random_tokens):
+    tokens = random_tokens(2, 9, vocab=TINY.vocab_size)
     logits = model(tokens)
     assert logits.shape == (2, 9, TINY.vocab_size) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
@@ -73,9 +69,9 @@ def test_start_pos_counts_toward_max_seq_len(model):
         model.check_tokens(torch.zeros(1, 7, dtype=torch.long), start_pos=250)
 
 
-def test_unknown_attn_impl_at_call(model):
+def test_unknown_attn_impl_at_call(model, random_tokens):
     with pytest.raises(ValueError, match="attn_impl"):
-        model(_tokens(1, 3), attn_impl="flash")
+        model(random_tokens(1, 3, vocab=TINY.vocab_size), attn_impl="flash")
 
 
 def test_deterministic_init():
@@ -93,10 +89,10 @@ def test_deterministic_init():
     assert abs(std.item() - TINY.init_std) < 0.02 * TINY.init_std
 
 
-def test_gradients_reach_every_parameter():
+def test_gradients_reach_every_parameter(random_tokens):
     m = Transformer(TINY)
     m.reset_parameters(seed=1)
-    tokens = _tokens(4, 48, seed=1)
+    tokens = random_tokens(4, 48, seed=1, vocab=TINY.vocab_size)
     logits = m(tokens[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())  # every position
     loss.backward()
@@ -109,14 +105,14 @@ def test_gradients_reach_every_parameter():
         assert layer.ffn.gate.bias.grad is None and not layer.ffn.gate.bias.requires_grad
 
 
-def test_mtp_module_forward_and_gradients():
+def test_mtp_module_forward_and_gradients(random_tokens):
     cfg = TINY.replace(n_mtp_layers=2)
     m = Transformer(cfg)
     m.reset_parameters(seed=2)
     assert len(m.mtp) == 2 and all(isinstance(k, MTPModule) for k in m.mtp)
     assert m.mtp[0].eh_proj.weight.shape == (cfg.dim, 2 * cfg.dim)
     assert isinstance(m.mtp[0].block.ffn, MoE) and m.mtp[1].block.layer_id == cfg.n_layers + 1
-    tokens = _tokens(2, 12, seed=2)
+    tokens = random_tokens(2, 12, seed=2, vocab=TINY.vocab_size)
     B, T = 2, 11  # slot i combines h_i with Emb(t_{i+1})
     h = m.hidden_states(tokens[:, :T])
     fc = m.freqs_cis(h.device)[1:T + 1]  # slot i sits at the embedded token's position i + 1
@@ -157,10 +153,10 @@ def test_671b_on_meta_device():
     assert _count(m.mtp) == 11_610_068_224  # one MTP module (embedding and head shared with the main model)
 
 
-def test_bf16_forward():
+def test_bf16_forward(random_tokens):
     m = Transformer(TINY)
     m.reset_parameters(seed=3)
-    tokens = _tokens(2, 10, seed=3)
+    tokens = random_tokens(2, 10, seed=3, vocab=TINY.vocab_size)
     ref = m(tokens)
     m.to(torch.bfloat16)
     assert m.embed.weight.dtype == torch.bfloat16 and m.layers[1].ffn.gate.bias.dtype == torch.float32
@@ -177,8 +173,8 @@ def test_bf16_forward():
 
 
 @pytest.mark.parametrize("impl", ["naive", "absorb"])
-def test_cached_logits_equal_uncached(model, impl):
-    tokens = _tokens(2, 14, seed=4)
+def test_cached_logits_equal_uncached(model, impl, random_tokens):
+    tokens = random_tokens(2, 14, seed=4, vocab=TINY.vocab_size)
     full = model(tokens)
     cache = model.new_cache(2, attn_impl=impl)
     pieces, pos = [], 0
@@ -190,8 +186,8 @@ def test_cached_logits_equal_uncached(model, impl):
     assert_close(model(tokens, attn_impl="absorb" if impl == "naive" else "naive"), full, rtol=1e-5, atol=1e-5)
 
 
-def test_causality(model):
-    tokens = _tokens(2, 12, seed=5)
+def test_causality(model, random_tokens):
+    tokens = random_tokens(2, 12, seed=5, vocab=TINY.vocab_size)
     changed = tokens.clone()
     changed[:, 8] = (changed[:, 8] + 1) % TINY.vocab_size
     a, b = model(tokens), model(changed)

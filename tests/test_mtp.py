@@ -9,25 +9,28 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref import speculative as spec
-from dsv3_ref.accounting import mtp_params
-from dsv3_ref.attention import causal_mask
 from dsv3_ref.data import BOS_ID, CorpusData, encode
-from dsv3_ref.generate import generate
-from dsv3_ref.moe import MoE
-from dsv3_ref.mtp import MTPLoss, MTPModule, evaluate_mtp, mtp_hidden_states, mtp_logits, mtp_loss, paper_lambda
-from dsv3_ref.speculative import speculative_generate
-from dsv3_ref.train import TrainConfig, Trainer
+from dsv3_ref.inference import speculative as spec
+from dsv3_ref.inference.generate import generate
+from dsv3_ref.inference.speculative import speculative_generate
+from dsv3_ref.nn.attention import causal_mask
+from dsv3_ref.nn.model import MTPModule
+from dsv3_ref.nn.moe import MoE
+from dsv3_ref.objectives.mtp import (
+    evaluate_mtp,
+    mtp_hidden_states,
+    mtp_logits,
+    mtp_loss,
+    paper_lambda,
+)
+from dsv3_ref.systems.accounting import mtp_params
+from dsv3_ref.train import MTPLoss, TrainConfig, Trainer
 
 
 def _model(n_mtp_layers=1, seed=0, **overrides) -> Transformer:
     m = Transformer(ModelConfig.from_preset("tiny", n_mtp_layers=n_mtp_layers, **overrides))
     m.reset_parameters(seed)
     return m.eval()
-
-
-def _tokens(B, T, seed=0) -> torch.Tensor:
-    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,16 +61,16 @@ def trained(data):
 
 # ---------------------------------------------------------------------------------------------- the forward pass
 @pytest.mark.parametrize("k", [1, 2])
-def test_depth_k_sees_token_i_plus_k_and_never_later(k):
+def test_depth_k_sees_token_i_plus_k_and_never_later(k, random_tokens):
     """Slot i of depth k predicts t_{i+k+1}: it must depend on t_{i+k} and on nothing after it."""
     model = _model(n_mtp_layers=2)
     B, T, i = 2, 12, 4
-    tokens = _tokens(B, T)
+    tokens = random_tokens(B, T)
     with torch.no_grad():
         base = mtp_logits(model, tokens)[k - 1]  # (B, T - k, V)
         assert base.shape == (B, T - k, model.config.vocab_size)
         later = tokens.clone()
-        later[:, i + k + 1:] = (later[:, i + k + 1:] + 1 + _tokens(B, T - i - k - 1, seed=1) % 200) % 256
+        later[:, i + k + 1:] = (later[:, i + k + 1:] + 1 + random_tokens(B, T - i - k - 1, seed=1) % 200) % 256
         assert (later[:, i + k + 1:] != tokens[:, i + k + 1:]).all()
         after = mtp_logits(model, later)[k - 1]
         assert_close(after[:, : i + 1], base[:, : i + 1], rtol=0, atol=1e-6)  # slots 0..i unchanged
@@ -79,10 +82,10 @@ def test_depth_k_sees_token_i_plus_k_and_never_later(k):
         assert_close(changed[:, :i], base[:, :i], rtol=0, atol=1e-6)  # earlier slots never see it
 
 
-def test_depth_2_reads_depth_1_slot_by_slot():
+def test_depth_2_reads_depth_1_slot_by_slot(random_tokens):
     """Eq. 21 for k = 2: h'^2_i combines h^1_i (not h^0_i) with Emb(t_{i+2})."""
     model = _model(n_mtp_layers=2)
-    tokens = _tokens(2, 10)
+    tokens = random_tokens(2, 10)
     T = tokens.size(1)
     with torch.no_grad():
         h1, h2 = mtp_hidden_states(model, tokens)
@@ -92,10 +95,10 @@ def test_depth_2_reads_depth_1_slot_by_slot():
     assert_close(h2, want, rtol=0, atol=0)
 
 
-def test_rope_offset_does_not_change_the_scores():
+def test_rope_offset_does_not_change_the_scores(random_tokens):
     """Depth k puts slot i at RoPE position i + k; positions 0..T-k-1 give the same logits (relative encoding)."""
     model = _model()
-    tokens = _tokens(2, 16)
+    tokens = random_tokens(2, 16)
     T = tokens.size(1)
     with torch.no_grad():
         h = model.hidden_states(tokens)
@@ -105,10 +108,10 @@ def test_rope_offset_does_not_change_the_scores():
     assert_close(shifted, ours, rtol=1e-5, atol=1e-5)
 
 
-def test_mtp_loss_equals_hand_computation():
+def test_mtp_loss_equals_hand_computation(random_tokens):
     """Eq. 21-25 written out with the raw parameters for D = 2, including the embedding-first concatenation."""
     model = _model(n_mtp_layers=2)
-    window = _tokens(3, 14, seed=3)
+    window = random_tokens(3, 14, seed=3)
     tokens, targets = window[:, :-1], window[:, 1:]  # (B, T): targets[:, j] = t_{j+1}
     B, T = tokens.shape
     lam = 0.3
@@ -134,9 +137,9 @@ def test_mtp_loss_equals_hand_computation():
     assert all(0 <= float(a) <= 1 for a in accs) and len(accs) == 2
 
 
-def test_mtp_loss_ignores_pad_targets():
+def test_mtp_loss_ignores_pad_targets(random_tokens):
     model = _model()
-    window = _tokens(2, 11, seed=4)
+    window = random_tokens(2, 11, seed=4)
     tokens, targets = window[:, :-1], window[:, 1:].clone()
     targets[:, -3:] = 256  # <pad>
     with torch.no_grad():
@@ -146,9 +149,9 @@ def test_mtp_loss_ignores_pad_targets():
     assert_close(ce, want, rtol=1e-6, atol=1e-6)
 
 
-def test_mtp_gradients_reach_the_shared_embedding_head_and_trunk():
+def test_mtp_gradients_reach_the_shared_embedding_head_and_trunk(random_tokens):
     model = _model().train()
-    window = _tokens(2, 9)
+    window = random_tokens(2, 9)
     loss, _, _ = mtp_loss(model, window[:, :-1], window[:, 1:])
     loss.backward()
     for name in ("embed.weight", "head.weight", "layers.0.attn.wq_a.weight", "mtp.0.eh_proj.weight",
@@ -156,13 +159,13 @@ def test_mtp_gradients_reach_the_shared_embedding_head_and_trunk():
         assert model.get_parameter(name).grad.abs().sum() > 0, name
 
 
-def test_bad_input_raises():
+def test_bad_input_raises(random_tokens):
     with pytest.raises(ValueError, match="no MTP module"):
-        mtp_logits(_model(n_mtp_layers=0), _tokens(1, 8))
+        mtp_logits(_model(n_mtp_layers=0), random_tokens(1, 8))
     with pytest.raises(ValueError, match="more than n_mtp_layers=2 positions"):
-        mtp_logits(_model(n_mtp_layers=2), _tokens(1, 2))
+        mtp_logits(_model(n_mtp_layers=2), random_tokens(1, 2))
     with pytest.raises(ValueError, match="targets must have the shape"):
-        mtp_loss(_model(), _tokens(1, 8), _tokens(1, 7))
+        mtp_loss(_model(), random_tokens(1, 8), random_tokens(1, 7))
 
 
 def test_671b_preset_has_one_mtp_module_with_a_7168_x_14336_projection():
@@ -255,19 +258,19 @@ def _check_counts(ids, stats):
 
 
 @pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
-def test_speculative_equals_greedy_on_a_random_model(attn_impl):
+def test_speculative_equals_greedy_on_a_random_model(attn_impl, random_tokens):
     model = _model(seed=1)
     for seed in range(4):
-        prompt = [BOS_ID] + _tokens(1, 3 + 2 * seed, seed=seed)[0].tolist()
+        prompt = [BOS_ID] + random_tokens(1, 3 + 2 * seed, seed=seed)[0].tolist()
         want = generate(model, [prompt], 40, eos_id=None, attn_impl=attn_impl)[0]
         ids, stats = speculative_generate(model, prompt, 40, eos_id=None, attn_impl=attn_impl)
         assert ids == want
         _check_counts(ids, stats)
 
 
-def test_speculative_with_two_mtp_modules_drafts_with_the_first():
+def test_speculative_with_two_mtp_modules_drafts_with_the_first(random_tokens):
     model = _model(n_mtp_layers=2, seed=2)
-    prompt = [BOS_ID] + _tokens(1, 6, seed=5)[0].tolist()
+    prompt = [BOS_ID] + random_tokens(1, 6, seed=5)[0].tolist()
     ids, stats = speculative_generate(model, prompt, 24, eos_id=None)
     assert ids == generate(model, [prompt], 24, eos_id=None)[0]
     _check_counts(ids, stats)
@@ -325,9 +328,9 @@ def test_speculative_stops_like_generate(trained):
         _check_counts(ids, stats)
 
 
-def test_speculative_uses_the_last_position():
+def test_speculative_uses_the_last_position(random_tokens):
     model = _model(max_seq_len=24, original_seq_len=24)
-    prompt = [BOS_ID] + _tokens(1, 9)[0].tolist()  # 10 + 14 = max_seq_len
+    prompt = [BOS_ID] + random_tokens(1, 9)[0].tolist()  # 10 + 14 = max_seq_len
     ids, _ = speculative_generate(model, prompt, 14, eos_id=None)
     assert ids == generate(model, [prompt], 14, eos_id=None)[0]
 

@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from dsv3_ref import Gate, ModelConfig, MoE
-from dsv3_ref.parallel import ExpertParallelMoE, dispatch_bytes_per_token, distinct_destinations
+from dsv3_ref.systems.parallel import ExpertParallelMoE, dispatch_bytes_per_token, distinct_destinations
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ep_results(tmp_path_factory) -> list[dict]:
-    """Run tests/ep_worker.py on 2 ranks (gloo) and return each rank's JSON."""
+    """Run tests/support/ep_worker.py on 2 ranks (gloo) and return each rank's JSON."""
     out = tmp_path_factory.mktemp("ep")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "ep_worker.py"), str(out)]
+           str(ROOT / "tests" / "support" / "ep_worker.py"), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -1,10 +1,10 @@
-"""Pipeline schedules (dsv3_ref.pipeline): dependencies, the report's Table 2 (bubble and memory), bad input."""
+"""Pipeline schedules (dsv3_ref.systems.pipeline): dependencies, the report's Table 2 (bubble and memory), bad input."""
 
 from collections import Counter, defaultdict
 
 import pytest
 
-from dsv3_ref.pipeline import METHODS, TABLE2, Durations, schedule, table2_bubble, table2_memory
+from dsv3_ref.systems.pipeline import METHODS, TABLE2, Durations, schedule, table2_bubble, table2_memory
 
 # (method, pp, n_micro, durations): equal and unequal op times, with and without an overlap gain
 CASES = [

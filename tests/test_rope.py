@@ -7,7 +7,13 @@ import torch
 from torch.testing import assert_close
 
 from dsv3_ref.config import ModelConfig
-from dsv3_ref.rope import apply_rotary_emb, find_correction_range, linear_ramp, precompute_freqs_cis, rope_frequencies
+from dsv3_ref.nn.rope import (
+    apply_rotary_emb,
+    find_correction_range,
+    linear_ramp,
+    precompute_freqs_cis,
+    rope_frequencies,
+)
 
 
 def _plain_freqs(dim: int, theta: float = 10000.0) -> torch.Tensor:

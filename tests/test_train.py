@@ -8,18 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsv3_ref import ModelConfig, Transformer
-from dsv3_ref.__main__ import main
+from dsv3_ref import ModelConfig, Transformer, from_pretrained
+from dsv3_ref.cli import main
 from dsv3_ref.data import CorpusData
-from dsv3_ref.train import (
-    TRAIN_CONFIG_NAME,
-    TRAIN_STATE_NAME,
-    TrainConfig,
-    Trainer,
-    TrainHook,
-    lr_at,
-    read_model_config,
-)
+from dsv3_ref.train import TrainConfig, Trainer, TrainHook, lr_at
+from dsv3_ref.train.trainer import TRAIN_CONFIG_NAME, TRAIN_STATE_NAME, read_model_config
 
 FAST = dict(steps=6, batch_size=4, seq_len=32, warmup_steps=2, eval_every=3, eval_batches=2, log_every=1)
 
@@ -143,7 +136,7 @@ def test_low_precision_trains(data, precision):
     assert all(math.isfinite(h["train_loss"]) for h in history)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
     if precision == "fp8":
-        from dsv3_ref.fp8 import FP8Linear
+        from dsv3_ref.fp8.linear import FP8Linear
 
         assert any(isinstance(m, FP8Linear) for m in trainer.model.modules())
 
@@ -188,7 +181,7 @@ def test_atomic_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     before = load_file(tmp_path / "ck" / TRAIN_STATE_NAME)
     trainer.fit(stop_at=3)
 
-    import dsv3_ref.train as train_module
+    import dsv3_ref.train.trainer as train_module
 
     def broken_save_file(tensors, filename, metadata=None):  # fails after the model files were written
         with open(filename, "wb") as f:
@@ -297,7 +290,7 @@ def test_cli_train_on_cuda_resumes_like_the_cpu_does(tmp_path, capsys, precision
     assert main(["train", "--resume", str(tmp_path / "split"), "--steps", "6", "--no-progress", "--device", "cuda",
                  "--out", str(tmp_path / "split")]) == 0
     capsys.readouterr()
-    straight = Transformer.from_pretrained(tmp_path / "straight")
-    split = Transformer.from_pretrained(tmp_path / "split")
+    straight = from_pretrained(tmp_path / "straight")
+    split = from_pretrained(tmp_path / "split")
     for (name, a), b in zip(straight.state_dict().items(), split.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)

@@ -9,9 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dsv3_ref import ModelConfig, validate
-from dsv3_ref.__main__ import main
-from dsv3_ref.validate import REFERENCES, collect_outputs, reference_model, reference_tokens
+from dsv3_ref import ModelConfig, save_pretrained
+from dsv3_ref.cli import main
+from dsv3_ref.teaching import validate
+from dsv3_ref.teaching.validate import REFERENCES, collect_outputs, reference_model, reference_tokens
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def _corrupt(src, dst, key):
     ("v3_yarn_mtp", "model.layers.3.eh_proj.weight", 3),  # the MTP module: the main model still agrees
     ("v3_yarn_mtp", "lm_head.weight", None),
 ])
-@pytest.mark.filterwarnings("ignore:load_pretrained.*differs from lm_head")  # the MTP layer's stale head copy
+@pytest.mark.filterwarnings("ignore:from_pretrained.*differs from lm_head")  # the MTP layer's stale head copy
 def test_a_corrupted_layer_is_reported_at_exactly_that_layer(name, key, layer, exported, tmp_path, capsys):
     folder = _corrupt(exported[name], tmp_path / "bad", key)
     report = validate.validate_checkpoint(folder)
@@ -203,7 +204,7 @@ def test_bad_input_is_a_value_error(tmp_path, exported):
         validate.validate_checkpoint(exported["v3_groups"], reference="v2_softmax")
     other = reference_model("v3_groups")
     other.config = other.config.replace(route_scale=1.5)
-    other.save_pretrained(tmp_path / "other")
+    save_pretrained(other, tmp_path / "other")
     with pytest.raises(ValueError, match=r"matches no shipped reference.*'v3_groups', differs in \['route_scale'\]"):
         validate.validate_checkpoint(tmp_path / "other")
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def find_correction_dim(num_rotations: float, dim: int, base: float, max_seq_len: int) -> float:

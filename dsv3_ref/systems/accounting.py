@@ -20,14 +20,14 @@ asserts that they agree exactly. `report(cfg)` prints everything; `python -m dsv
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 
 import torch
 from torch import nn
 
-from .config import ATTN_IMPLS, PRESETS, ModelConfig
+from ..config import ATTN_IMPLS, PRESETS, ModelConfig
+from ..fp8.formats import BLOCK  # the hub's weight_block_size: one fp32 weight_scale_inv per 128 x 128 block
 
 # whole-model components, in the order the report prints them; "mtp" is every MTP module, as stored (see above)
 COMPONENTS = ("embed", "attention", "block_norms", "dense_mlp", "routed_experts", "shared_experts", "gate_weight",
@@ -176,7 +176,7 @@ def count_by_component(model: nn.Module) -> dict[str, int]:
 
 def meta_param_counts(cfg: ModelConfig) -> dict[str, int]:
     """`count_by_component` of `Transformer(cfg)` built on the meta device (shapes only, no memory; ~10 s at 671B)."""
-    from .model import Transformer
+    from ..nn.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -301,13 +301,10 @@ def training_flops_per_token(cfg: ModelConfig, ctx: int, attn_impl: str = "naive
 
 
 # ---------------------------------------------------------------------------------------------- FP8 storage
-BLOCK = 128  # the hub's weight_block_size: one fp32 weight_scale_inv per 128 x 128 block
-
-
 def fp8_linear_shapes(cfg: ModelConfig, moe: bool) -> list[tuple[int, int]]:
     """(out, in) of every linear of one block that the report computes in FP8 and the hub stores as E4M3 with a
-    weight_scale_inv (`dsv3_ref.fp8.convert_to_fp8` swaps the same ones): the MLA projections, then the dense MLP's
-    w1, w2, w3, or (moe=True) every routed expert's and the shared experts' w1, w2, w3."""
+    weight_scale_inv (`dsv3_ref.fp8.linear.convert_to_fp8` swaps the same ones): the MLA projections, then the dense
+    MLP's w1, w2, w3, or (moe=True) every routed expert's and the shared experts' w1, w2, w3."""
     H, d = cfg.n_heads, cfg.dim
     q_out = H * cfg.qk_head_dim
     attn = [(cfg.q_lora_rank, d), (q_out, cfg.q_lora_rank)] if cfg.q_lora_rank else [(q_out, d)]
@@ -370,86 +367,101 @@ _LABELS = {
 }
 
 
+class _Table:
+    """The lines of `report`: section headers and right-aligned rows (thousands separators)."""
+
+    WIDTH = 58
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def row(self, label: str, value: int | str, extra: str = "") -> None:
+        v = f"{value:,}" if isinstance(value, int) else value
+        self.lines.append(f"  {label:<{self.WIDTH}}{v:>18}{extra}")
+
+    def header(self, label: str, column: str, extra: str = "") -> None:
+        self.lines.extend(["", f"{label:<{self.WIDTH + 2}}{column:>18}{extra}"])
+
+
 def report(cfg: ModelConfig, name: str | None = None, ctx: int | None = None, meta_counts: dict | None = None) -> str:
     """The accounting of `cfg` as a printable table (thousands separators).
 
     ctx: context length for the FLOP lines (default: original_seq_len, the pre-training context: 4,096 at 671B).
     meta_counts: `check_counts(cfg)`'s result, to state that the instantiated model agrees.
     """
-    ctx = cfg.original_seq_len if ctx is None else ctx
-    p, mla, counts = layer_params(cfg), mla_params(cfg), param_counts(cfg)
-    total = total_params(cfg)
-    W = 58
-    lines: list[str] = []
-
-    def row(label: str, value: int | str, extra: str = "") -> None:
-        v = f"{value:,}" if isinstance(value, int) else value
-        lines.append(f"  {label:<{W}}{v:>18}{extra}")
-
-    def header(label: str, column: str, extra: str = "") -> None:
-        lines.extend(["", f"{label:<{W + 2}}{column:>18}{extra}"])
-
+    t = _Table()
     title = f"dsv3_ref accounting: {name or 'config'}"
-    lines += [title, "=" * len(title),
-              f"dim {cfg.dim}, {cfg.n_layers} layers ({cfg.n_dense_layers} dense + {cfg.n_moe_layers} MoE), "
-              f"{cfg.n_heads} heads, vocab {cfg.vocab_size:,}, {cfg.n_routed_experts} routed + "
-              f"{cfg.n_shared_experts} shared experts (top-{cfg.n_activated_experts}, {cfg.score_func}), "
-              f"{cfg.n_mtp_layers} MTP module(s)",
-              f"softmax_scale = {cfg.softmax_scale:.10f}"
-              + (f" (1/sqrt({cfg.qk_head_dim}) x YaRN mscale^2, s = {cfg.rope_factor:g})" if cfg.yarn_active
-                 and cfg.rope_factor > 1 else f" (1/sqrt({cfg.qk_head_dim}))"),
-              ]
-    header("Per layer", "parameters")
-    row("MLA", p["mla"])
-    for k, v in mla.items():
+    yarn = (f" (1/sqrt({cfg.qk_head_dim}) x YaRN mscale^2, s = {cfg.rope_factor:g})" if cfg.yarn_active
+            and cfg.rope_factor > 1 else f" (1/sqrt({cfg.qk_head_dim}))")
+    t.lines += [title, "=" * len(title),
+                f"dim {cfg.dim}, {cfg.n_layers} layers ({cfg.n_dense_layers} dense + {cfg.n_moe_layers} MoE), "
+                f"{cfg.n_heads} heads, vocab {cfg.vocab_size:,}, {cfg.n_routed_experts} routed + "
+                f"{cfg.n_shared_experts} shared experts (top-{cfg.n_activated_experts}, {cfg.score_func}), "
+                f"{cfg.n_mtp_layers} MTP module(s)",
+                f"softmax_scale = {cfg.softmax_scale:.10f}" + yarn]
+    _report_parameters(t, cfg, meta_counts is not None)
+    _report_kv_cache(t, cfg)
+    _report_flops(t, cfg, cfg.original_seq_len if ctx is None else ctx)
+    return "\n".join(t.lines)
+
+
+def _report_parameters(t: _Table, cfg: ModelConfig, meta_checked: bool) -> None:
+    p, total, counts = layer_params(cfg), total_params(cfg), param_counts(cfg)
+    t.header("Per layer", "parameters")
+    t.row("MLA", p["mla"])
+    for k, v in mla_params(cfg).items():
         if k != "total":
-            row(f"  {k}", v)
-    row(f"dense MLP (SwiGLU, inter_dim {cfg.inter_dim})", p["dense_mlp"])
-    row(f"one expert (moe_inter_dim {cfg.moe_inter_dim})", p["expert"])
-    row(f"routed experts ({cfg.n_routed_experts})", p["routed_experts"])
-    row(f"shared experts ({cfg.n_shared_experts})", p["shared_experts"])
-    row("gate weight + bias", f"{p['gate_weight']:,} + {p['gate_bias']:,}")
-    row("block norms", p["block_norms"])
-    row("dense layer", p["dense_layer"])
-    row("MoE layer", p["moe_layer"])
-    row("MoE layer, activated per token", p["moe_layer_activated"])
+            t.row(f"  {k}", v)
+    t.row(f"dense MLP (SwiGLU, inter_dim {cfg.inter_dim})", p["dense_mlp"])
+    t.row(f"one expert (moe_inter_dim {cfg.moe_inter_dim})", p["expert"])
+    t.row(f"routed experts ({cfg.n_routed_experts})", p["routed_experts"])
+    t.row(f"shared experts ({cfg.n_shared_experts})", p["shared_experts"])
+    t.row("gate weight + bias", f"{p['gate_weight']:,} + {p['gate_bias']:,}")
+    t.row("block norms", p["block_norms"])
+    t.row("dense layer", p["dense_layer"])
+    t.row("MoE layer", p["moe_layer"])
+    t.row("MoE layer, activated per token", p["moe_layer_activated"])
 
-    header("Model", "parameters", "     share")
+    t.header("Model", "parameters", "     share")
     for k in MAIN_COMPONENTS:
-        row(_LABELS[k], counts[k], f"  {100 * counts[k] / total:7.2f}%")
-    row("TOTAL (main model, without MTP)", total)
-    row(f"MTP ({cfg.n_mtp_layers} module(s), without the shared embedding and head)", counts["mtp"])
-    row("main + MTP", total + counts["mtp"])
-    if meta_counts is not None:
-        lines.append("  meta-device model: every component agrees exactly with the closed form")
+        t.row(_LABELS[k], counts[k], f"  {100 * counts[k] / total:7.2f}%")
+    t.row("TOTAL (main model, without MTP)", total)
+    t.row(f"MTP ({cfg.n_mtp_layers} module(s), without the shared embedding and head)", counts["mtp"])
+    t.row("main + MTP", total + counts["mtp"])
+    if meta_checked:
+        t.lines.append("  meta-device model: every component agrees exactly with the closed form")
 
-    header("Activated per token", "parameters")
-    row("body (no embedding, no head)", activated_params(cfg, head=False))
-    row("body + head (the report's convention: '37B' at 671B)", activated_params(cfg))
-    row("body + head + embedding", activated_params(cfg, embedding=True))
-    row("MTP modules (without the shared embedding and head)", mtp_activated_params(cfg))
+    t.header("Activated per token", "parameters")
+    t.row("body (no embedding, no head)", activated_params(cfg, head=False))
+    t.row("body + head (the report's convention: '37B' at 671B)", activated_params(cfg))
+    t.row("body + head + embedding", activated_params(cfg, embedding=True))
+    t.row("MTP modules (without the shared embedding and head)", mtp_activated_params(cfg))
 
+
+def _report_kv_cache(t: _Table, cfg: ModelConfig) -> None:
     mla_bytes = kv_cache_bytes(cfg, "mla")
-    header(f"KV cache, bf16, {cfg.n_layers} layers", "bytes/token", "    vs MLA")
+    t.header(f"KV cache, bf16, {cfg.n_layers} layers", "bytes/token", "    vs MLA")
     for scheme, label in (("mla", f"MLA latent (d_c {cfg.kv_lora_rank} + d_r {cfg.qk_rope_head_dim})"),
                           ("mha", f"MHA ({cfg.n_heads} heads x d_h {cfg.qk_nope_head_dim}, K + V)"),
                           ("naive", f"naive MLA cache (K {cfg.n_heads} x {cfg.qk_head_dim} + V "
                                     f"{cfg.n_heads} x {cfg.v_head_dim})"),
                           ("mqa", "MQA (one K/V head)")):
         b = kv_cache_bytes(cfg, scheme)
-        row(label, b, f"  {b / mla_bytes:7.1f}x")
+        t.row(label, b, f"  {b / mla_bytes:7.1f}x")
     groups = kv_cache_elements(cfg, "mla") / kv_cache_elements(cfg, "mqa")
-    lines.append(f"  (MLA caches as much as GQA with {groups:.2f} K/V heads)")
-    row(f"MLA, one sequence of max_seq_len {cfg.max_seq_len:,}", kv_cache_bytes(cfg, "mla", seq_len=cfg.max_seq_len))
-    row(f"MHA, one sequence of max_seq_len {cfg.max_seq_len:,}", kv_cache_bytes(cfg, "mha", seq_len=cfg.max_seq_len))
+    t.lines.append(f"  (MLA caches as much as GQA with {groups:.2f} K/V heads)")
+    for scheme in ("mla", "mha"):
+        t.row(f"{scheme.upper()}, one sequence of max_seq_len {cfg.max_seq_len:,}",
+              kv_cache_bytes(cfg, scheme, seq_len=cfg.max_seq_len))
 
-    header(f"FLOPs per token (attending to {ctx:,} positions)", "FLOPs")
-    row("matmul weights per token (no embedding, norms, gate bias)", matmul_params_per_token(cfg))
-    row("forward, naive attention", forward_flops_per_token(cfg, ctx, "naive"))
-    row("forward, absorbed attention", forward_flops_per_token(cfg, ctx, "absorb"))
-    row("training (3 x forward, naive)", training_flops_per_token(cfg, ctx))
-    row("training incl. MTP", training_flops_per_token(cfg, ctx, mtp=True))
-    return "\n".join(lines)
+
+def _report_flops(t: _Table, cfg: ModelConfig, ctx: int) -> None:
+    t.header(f"FLOPs per token (attending to {ctx:,} positions)", "FLOPs")
+    t.row("matmul weights per token (no embedding, norms, gate bias)", matmul_params_per_token(cfg))
+    t.row("forward, naive attention", forward_flops_per_token(cfg, ctx, "naive"))
+    t.row("forward, absorbed attention", forward_flops_per_token(cfg, ctx, "absorb"))
+    t.row("training (3 x forward, naive)", training_flops_per_token(cfg, ctx))
+    t.row("training incl. MTP", training_flops_per_token(cfg, ctx, mtp=True))
 
 
 def resolve_config(spec: str) -> tuple[ModelConfig, str]:
@@ -461,22 +473,3 @@ def resolve_config(spec: str) -> tuple[ModelConfig, str]:
         return ModelConfig.from_hf(spec), os.path.basename(os.path.abspath(spec))
     raise ValueError(f"unknown model {spec!r}: give a preset name (one of {list(PRESETS)}) or a path to a Hugging "
                      "Face config.json or its folder")
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    cfg, label = resolve_config(args.model)
-    meta = check_counts(cfg) if args.check_meta else None
-    print(report(cfg, name=label, ctx=args.ctx, meta_counts=meta))
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """`python -m dsv3_ref info MODEL [--ctx N] [--no-check-meta]`."""
-    p = subparsers.add_parser("info", help="parameter, KV-cache and FLOP accounting of a model",
-                              description="Print the parameter, activated-parameter, KV-cache and FLOP accounting.")
-    p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a path to a HF config.json or its folder")
-    p.add_argument("--ctx", type=int, default=None,
-                   help="context length for the FLOP lines (default: the config's original_seq_len)")
-    p.add_argument("--check-meta", action=argparse.BooleanOptionalAction, default=True,
-                   help="also build the model on the meta device and check the counts agree (default: on)")
-    p.set_defaults(func=_cmd_info)

@@ -14,9 +14,8 @@
   = 1e-4), f and P taken per sequence and the losses averaged over the sequences, and the classic expert-level
   auxiliary loss (DeepSeek-V2 / Switch), the same formula over the whole batch as one sequence.
 
-The hooks plug into `dsv3_ref.train.Trainer`; they read each MoE layer's `last_routing` after every micro-batch
-(each routing once). A hook that runs more MoE layers inside `loss_terms` (an MTP block) must come before them in the
-trainer's hook list, so that its routings are read in the same micro-batch.
+`FreshRoutings` reads each MoE layer's `last_routing` once; the trainer hooks in `dsv3_ref.train.hooks` (LoadMonitor,
+LossFreeBalancing, SequenceBalanceLoss, ExpertAuxLoss) apply these functions after every micro-batch and step.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe import MoE, Routing
-from .train import TrainHook
+from ..nn.moe import MoE, Routing
 
 PAPER_GAMMA = 1e-3  # bias update speed for the first 14.3T tokens (report §4.2)
 PAPER_FREEZE_FRACTION = 0.5 / 14.8  # gamma = 0 for the last 500B of the 14.8T training tokens
@@ -54,7 +52,7 @@ def max_vio(load: torch.Tensor) -> torch.Tensor:
     return (load.amax(dim=-1) - mean) / mean
 
 
-class _FreshRoutings:
+class FreshRoutings:
     """Yields each MoE layer's `last_routing` once: a layer whose routing was already read (it did not run since,
     e.g. an MTP block outside the forward) is skipped."""
 
@@ -74,7 +72,7 @@ def collect_loads(model: nn.Module, batches: Iterable[Any]) -> dict[str, torch.T
     """Expert loads (E,) per MoE layer summed over `batches` (token tensors (B, T) or `data.Batch`es, e.g.
     `data.val_batches(...)`), from a forward pass of each. MaxVio_global per layer is
     `max_vio(torch.stack(list(loads.values())))`."""
-    fresh, loads = _FreshRoutings(), {}
+    fresh, loads = FreshRoutings(), {}
     list(fresh(model))  # routings left over from before do not count
     for batch in batches:
         model(getattr(batch, "inputs", batch))
@@ -91,7 +89,7 @@ def loads_by_label(model: nn.Module, batches: Iterable[Any], n_labels: int) -> d
     pair (tokens (B, T), labels (B, T)) with labels in [0, n_labels). Row l counts how often tokens labelled l chose
     each expert (K choices per token); the rows sum to `collect_loads` over the same batches.
     """
-    fresh, loads = _FreshRoutings(), {}
+    fresh, loads = FreshRoutings(), {}
     list(fresh(model))  # routings left over from before do not count
     for batch in batches:
         tokens, labels = (batch.inputs, batch.domains) if hasattr(batch, "inputs") else batch
@@ -159,86 +157,3 @@ def expert_aux_loss(routing: Routing, alpha: float = 1e-3) -> torch.Tensor:
     """The classic expert-level auxiliary loss (DeepSeek-V2 / Switch): alpha * sum_i f_i P_i over the whole batch,
     i.e. `sequence_balance_loss` with every token in one sequence (alpha 1e-3: Wang et al.'s baseline)."""
     return sequence_balance_loss(routing, 1, alpha)
-
-
-# ---------------------------------------------------------------------------------------------- trainer hooks
-class LoadMonitor(TrainHook):
-    """Counts every MoE layer's expert loads over each optimizer step (all its micro-batches) and reports the
-    step's MaxVio_batch (mean over layers). Changes nothing; `last_loads` holds the last step's loads per layer."""
-
-    def __init__(self) -> None:
-        self.loads: dict[str, torch.Tensor] = {}  # the step being accumulated
-        self.last_loads: dict[str, torch.Tensor] = {}  # the last finished step
-        self._fresh = _FreshRoutings()
-
-    def loss_terms(self, trainer, tokens, targets, hidden, logits) -> dict[str, torch.Tensor]:
-        for name, moe, routing in self._fresh(trainer.model):
-            self.loads[name] = self.loads.get(name, 0) + expert_load(routing.indices, moe.n_routed_experts)
-        return {}
-
-    def after_step(self, trainer, step: int) -> None:
-        self.last_loads, self.loads = self.loads, {}
-
-    def metrics(self, trainer) -> dict[str, float]:
-        if not self.last_loads:
-            return {}
-        return {"maxvio_batch": float(max_vio(torch.stack(list(self.last_loads.values()))).mean())}
-
-
-class LossFreeBalancing(LoadMonitor):
-    """Auxiliary-loss-free balancing: after each optimizer step, `update_bias` on every MoE gate from that step's
-    loads (all its micro-batches), with gamma * schedule(tokens seen), tokens seen = steps done *
-    trainer.tokens_per_step (schedule None: constant gamma; see `freeze_schedule`)."""
-
-    def __init__(self, gamma: float = PAPER_GAMMA, schedule: Callable[[int], float] | None = None,
-                 rule: str = "sign"):
-        super().__init__()
-        if rule not in UPDATE_RULES:
-            raise ValueError(f"rule must be one of {UPDATE_RULES}, got {rule!r}")
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
-        self.gamma, self.schedule, self.rule = gamma, schedule, rule
-        self.n_updates = 0
-
-    def current_gamma(self, tokens_seen: int) -> float:
-        return self.gamma * (1.0 if self.schedule is None else self.schedule(tokens_seen))
-
-    def on_train_start(self, trainer) -> None:
-        no_bias = [name for name, moe in moe_layers(trainer.model).items() if moe.gate.bias is None]
-        if no_bias:
-            raise ValueError(f"LossFreeBalancing needs gates with a bias (score_func='sigmoid'); {no_bias} have none")
-
-    def after_step(self, trainer, step: int) -> None:
-        gamma, layers = self.current_gamma(step * trainer.tokens_per_step), moe_layers(trainer.model)
-        for name, load in self.loads.items():
-            update_bias(layers[name].gate.bias, load, gamma, self.rule)
-        self.n_updates += 1
-        super().after_step(trainer, step)
-
-    def metrics(self, trainer) -> dict[str, float]:
-        gamma = self.current_gamma(trainer.step * trainer.tokens_per_step)
-        return {**super().metrics(trainer), "balance_gamma": gamma}
-
-
-class SequenceBalanceLoss(TrainHook):
-    """Adds `seq_balance_loss` = sum over MoE layers of `sequence_balance_loss` to each micro-batch's loss."""
-
-    def __init__(self, alpha: float = PAPER_SEQ_ALPHA):
-        self.alpha = alpha
-        self._fresh = _FreshRoutings()
-
-    def loss_terms(self, trainer, tokens, targets, hidden, logits) -> dict[str, torch.Tensor]:
-        losses = [sequence_balance_loss(r, tokens.size(0), self.alpha) for _, _, r in self._fresh(trainer.model)]
-        return {"seq_balance_loss": torch.stack(losses).sum()} if losses else {}
-
-
-class ExpertAuxLoss(TrainHook):
-    """Adds `aux_loss` = sum over MoE layers of `expert_aux_loss` to each micro-batch's loss (the baseline)."""
-
-    def __init__(self, alpha: float = 1e-3):
-        self.alpha = alpha
-        self._fresh = _FreshRoutings()
-
-    def loss_terms(self, trainer, tokens, targets, hidden, logits) -> dict[str, torch.Tensor]:
-        losses = [expert_aux_loss(r, self.alpha) for _, _, r in self._fresh(trainer.model)]
-        return {"aux_loss": torch.stack(losses).sum()} if losses else {}

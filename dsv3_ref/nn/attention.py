@@ -14,9 +14,10 @@ Both compute the same function (a test checks it to 1e-5 in float32).
 from __future__ import annotations
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
-from .config import ATTN_IMPLS, ModelConfig
+from ..config import ATTN_IMPLS, ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rotary_emb
 
@@ -83,9 +84,8 @@ class MLA(nn.Module):
 
     def queries(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eqs. 6-9: q_nope (B, S, H, d_h) and the rotated q_pe (B, S, H, d_r)."""
-        B, S, _ = x.shape
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(B, S, self.n_heads, self.qk_head_dim)
+        q = rearrange(q, "b s (h d) -> b s h d", h=self.n_heads)  # (B, S, H, d_h + d_r)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rotary_emb(q_pe, freqs_cis)
 
@@ -103,11 +103,12 @@ class MLA(nn.Module):
         end = start_pos + S
         q_nope, q_pe = self.queries(x, freqs_cis)  # (B, S, H, d_h), (B, S, H, d_r)
         c_kv, k_pe = self.latent(x, freqs_cis)  # (B, S, d_c), (B, S, d_r)
-        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # (H, d_h + d_v, d_c)
+        wkv_b = rearrange(self.wkv_b.weight, "(h d) c -> h d c", h=self.n_heads)  # (H, d_h + d_v, d_c)
         if attn_impl == "naive":
-            kv = self.wkv_b(c_kv).view(B, S, self.n_heads, -1)  # (B, S, H, d_h + d_v)
+            kv = rearrange(self.wkv_b(c_kv), "b s (h d) -> b s h d", h=self.n_heads)  # (B, S, H, d_h + d_v)
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)  # (B, S, H, d_h+d_r)
+            k_pe_heads = repeat(k_pe, "b s r -> b s h r", h=self.n_heads)  # one shared key, a view per head
+            k = torch.cat([k_nope, k_pe_heads], dim=-1)  # (B, S, H, d_h + d_r)
             if cache is not None:
                 cache["k"][:B, start_pos:end] = k
                 cache["v"][:B, start_pos:end] = v
@@ -132,7 +133,7 @@ class MLA(nn.Module):
         else:
             o = torch.einsum("bsht,btc->bshc", scores, c_kv)  # (B, S, H, d_c)
             o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim:])  # (B, S, H, d_v)
-        return self.wo(o.flatten(2))
+        return self.wo(rearrange(o, "b s h d -> b s (h d)"))  # merge the heads: (B, S, H * d_v) -> (B, S, dim)
 
 
 def causal_mask(S: int, start_pos: int, device: torch.device | str = "cpu") -> torch.Tensor | None:

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from dsv3_ref.config import ModelConfig
-from dsv3_ref.moe import MoE
-from dsv3_ref.parallel import ExpertParallelMoE, distinct_destinations
+from dsv3_ref.nn.moe import MoE
+from dsv3_ref.systems.parallel import ExpertParallelMoE, distinct_destinations
 
 CASES = {
     # name: (config, group score, tokens per rank (sequence length, batch 2), bias on rank 0's experts)

@@ -1,6 +1,7 @@
 """The DeepSeek-V3 Transformer: embedding, `n_layers` pre-norm blocks (dense FFN first, then MoE), final norm,
 untied output head, and the optional multi-token-prediction modules (report §2.2; their training objective and
-speculative decoding live in `dsv3_ref.mtp` and `dsv3_ref.speculative`).
+speculative decoding live in `dsv3_ref.objectives.mtp` and `dsv3_ref.inference.speculative`; checkpoints in
+`dsv3_ref.io.checkpoint`).
 
 MTP module k combines the previous depth's hidden state with the embedding of the token k ahead:
     h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]
@@ -8,13 +9,11 @@ embedding first, as the checkpoint's `eh_proj` expects (the report's eq. 21 writ
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
+from ..config import ATTN_IMPLS, ModelConfig
 from .attention import MLA, KVCache, causal_mask
-from .config import ATTN_IMPLS, ModelConfig
 from .layers import MLP, RMSNorm
 from .moe import MoE
 from .rope import precompute_freqs_cis
@@ -153,18 +152,3 @@ class Transformer(nn.Module):
         """An empty KV cache for this model's layers (dtype and device of its weights)."""
         p = self.embed.weight
         return KVCache(self.config, batch_size, max_len, attn_impl, dtype=p.dtype, device=p.device)
-
-    # ------------------------------------------------------------------ checkpoints (HF / hub format)
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        **kwargs) -> Transformer:
-        """Load a DeepSeek-V3-format checkpoint folder (config.json + safetensors). See `dsv3_ref.checkpoint`."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, **kwargs)
-
-    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        """Write config.json + model.safetensors with the hub's key names. See `dsv3_ref.checkpoint`."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, path, **kwargs)

@@ -1,6 +1,6 @@
-"""Multi-token prediction (report §2.2, eqs. 21-25): the modules (`MTPModule`, defined in `dsv3_ref.model` beside
-`Block` and re-exported here) as the released checkpoint stores them, their sequential forward pass over a training
-sequence, the training objective and its lambda schedule.
+"""Multi-token prediction (report §2.2, eqs. 21-25): the sequential forward pass of the MTP modules
+(`dsv3_ref.nn.model.MTPModule`, as the released checkpoint stores them) over a training sequence, the training
+objective and its lambda schedule.
 
 Module k (k = 1..D) combines the previous depth's hidden state h^{k-1}_i with the embedding of token t_{i+k}:
     h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]                                       (eq. 21)
@@ -22,24 +22,22 @@ Choices the report leaves open, settled as the serving stacks run the released w
   result; this one also keeps the rotations those of real token positions.
 
 `mtp_hidden_states` / `mtp_logits` run all depths over a sequence; `mtp_loss` is eq. 25 (with the per-depth
-cross-entropies and accuracies); `MTPLoss` plugs it into `dsv3_ref.train.Trainer` with the paper's lambda schedule
-(`paper_lambda`: 0.3 for the first 10T of 14.8T tokens, then 0.1). Speculative decoding with the MTP module as
-drafter lives in `dsv3_ref.speculative`.
+cross-entropies and accuracies); `paper_lambda` is the paper's lambda schedule (0.3 for the first 10T of 14.8T
+tokens, then 0.1). `dsv3_ref.train.hooks.MTPLoss` plugs the objective into the trainer; speculative decoding with
+the MTP module as drafter lives in `dsv3_ref.inference.speculative`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import causal_mask
-from .data import PAD_ID
-from .model import MTPModule  # noqa: F401  (the module lives beside Block; re-exported here)
-from .train import TrainHook
+from ..data import PAD_ID
+from ..nn.attention import causal_mask
+from .lm import cross_entropy
 
 # report §4.2: lambda = 0.3 for the first 10T training tokens, 0.1 for the remaining 4.8T (of 14.8T)
 PAPER_LAMBDAS = (0.3, 0.1)
@@ -90,7 +88,7 @@ def mtp_logits(model: nn.Module, tokens: torch.Tensor, hidden: torch.Tensor | No
 def _ce_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, S, V), targets (B, S) -> cross-entropy (with gradients) and top-1 accuracy (detached), both
     ignoring <pad> targets."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD_ID)
+    ce = cross_entropy(logits, targets)
     valid = targets != PAD_ID
     hits = (logits.detach().argmax(-1) == targets) & valid
     return ce, hits.sum() / valid.sum().clamp(min=1)
@@ -147,7 +145,7 @@ def evaluate_mtp(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
     return {name: total / n for name, total in sums.items()}
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- lambda schedule
 def paper_lambda(fraction: float, lambdas: tuple[float, float] = PAPER_LAMBDAS,
                  switch: float = PAPER_SWITCH_FRACTION) -> float:
     """The report's MTP loss weight as a function of the fraction of training done (in [0, 1]): lambdas[0] = 0.3
@@ -155,51 +153,3 @@ def paper_lambda(fraction: float, lambdas: tuple[float, float] = PAPER_LAMBDAS,
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction of training must be in [0, 1], got {fraction!r}")
     return lambdas[0] if fraction < switch else lambdas[1]
-
-
-class MTPLoss(TrainHook):
-    """Adds the MTP objective to the trainer's loss: {"mtp": (lambda / D) * sum_k CE^k} (eq. 25), so the trainer
-    minimises L_main + L_MTP as in the report.
-
-    lambda: a constant `lam`, or `schedule(fraction)` with fraction = optimiser steps done / total steps in [0, 1]
-    (at step s of a run of N steps, s / N); with neither, the paper's `paper_lambda` (0.3, then 0.1 from 67.6% of
-    training on). Metrics (means since the previous log): mtp_lambda, and per depth k mtp_ce_{k} (the unweighted
-    cross-entropy) and mtp_acc_{k} (top-1 accuracy of the training predictions).
-    """
-
-    def __init__(self, lam: float | None = None, schedule: Callable[[float], float] | None = None):
-        if lam is not None and schedule is not None:
-            raise ValueError("MTPLoss: give lam (a constant) or schedule (fraction of training -> lambda), not both")
-        if lam is not None and not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam >= 0):
-            raise ValueError(f"MTPLoss: lam must be a number >= 0, got {lam!r}")
-        if schedule is not None and not callable(schedule):
-            raise ValueError(f"MTPLoss: schedule must be a callable fraction -> lambda, got {schedule!r}")
-        self.lam, self.schedule = lam, schedule
-        self._sums: dict[str, float] = {}
-        self._n = 0
-
-    def current_lambda(self, fraction: float) -> float:
-        """lambda at `fraction` of training done."""
-        if self.lam is not None:
-            return float(self.lam)
-        return float((self.schedule or paper_lambda)(fraction))
-
-    def on_train_start(self, trainer) -> None:
-        if len(trainer.model.mtp) == 0:
-            raise ValueError("MTPLoss needs a model with MTP modules (config n_mtp_layers >= 1)")
-
-    def loss_terms(self, trainer, tokens, targets, hidden, logits) -> dict[str, torch.Tensor]:
-        lam = self.current_lambda(trainer.step / trainer.cfg.steps)
-        loss, ces, accs = mtp_loss(trainer.model, tokens, targets, hidden, lam)
-        row = {"mtp_lambda": lam}
-        for k, (ce, acc) in enumerate(zip(ces, accs, strict=True), start=1):
-            row[f"mtp_ce_{k}"], row[f"mtp_acc_{k}"] = ce.item(), acc.item()
-        for name, value in row.items():
-            self._sums[name] = self._sums.get(name, 0.0) + value
-        self._n += 1
-        return {"mtp": loss}
-
-    def metrics(self, trainer) -> dict[str, float]:
-        out = {name: total / self._n for name, total in self._sums.items()} if self._n else {}
-        self._sums, self._n = {}, 0
-        return out

@@ -4,7 +4,7 @@ evaluation on fixed validation batches, hooks, and exactly resumable safetensors
 The optimiser follows the report's pre-training recipe in kind (§4.2: AdamW, beta1 0.9, beta2 0.95, weight decay
 0.1, gradient clip 1.0, warm-up then cosine decay), scaled to a CPU: the parameters stay fp32 (the report's master
 weights are fp32 too; its AdamW moments are BF16, ours fp32); `precision="bf16"` runs the forward pass under
-bfloat16 autocast and `"fp8"` swaps the report's FP8 layers for `FP8Linear` (`dsv3_ref.fp8.convert_to_fp8`).
+bfloat16 autocast and `"fp8"` swaps the report's FP8 layers for `FP8Linear` (`dsv3_ref.fp8.linear.convert_to_fp8`).
 Weight decay applies to matrices only (every linear layer, the embedding, the output head and the router), not to
 the RMSNorm gains, the common practice (GPT-2 / Megatron-LM: no decay on norms and biases; the report does not
 say). The gate's correction bias is a buffer, so it is never in the optimiser: the balancing hook moves it.
@@ -12,138 +12,37 @@ say). The gate's correction bias is a buffer, so it is never in the optimiser: t
 Hooks (`TrainHook`) add loss terms after every micro-batch's forward, act after every optimiser step, and report
 metrics into `Trainer.history`; the load-balancing, MTP and FP8 chapters plug in there.
 
-A checkpoint folder holds `config.json` + `model.safetensors` (`Transformer.save_pretrained`, the hub's format),
+A checkpoint folder holds `config.json` + `model.safetensors` (`dsv3_ref.save_pretrained`, the hub's format),
 `train_state.safetensors` (optimiser moments, the step, the random-number generators' states, the history) and
 `train_config.json`. Resuming from it continues exactly as if training had never stopped.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
-import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, from_fields
-from .data import PAD_ID, CorpusData, TextFileData, TokenData, bits_per_byte
-from .model import Transformer
+from ..config import ModelConfig
+from ..data import CorpusData, TextFileData, TokenData
+from ..fp8.linear import convert_to_fp8
+from ..io.atomic import write_folder
+from ..io.checkpoint import from_pretrained, save_pretrained
+from ..nn.model import Transformer
+from ..objectives.lm import cross_entropy
+from .config import TrainConfig, lr_at
 
-PRECISIONS = ("fp32", "bf16", "fp8")
 TRAIN_STATE_NAME = "train_state.safetensors"
 TRAIN_CONFIG_NAME = "train_config.json"
 _STATE_FORMAT = "dsv3_ref.train_state.v1"
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of a training run. `batch_size` is per micro-batch: one optimiser step sees
-    batch_size * grad_accum windows of seq_len tokens. `steps` counts optimiser steps; the learning rate warms up
-    linearly for `warmup_steps`, then follows a cosine from `lr` down to `min_lr` at `steps`. `eval_every` = 0
-    evaluates only at the end. `data` is what `Trainer` trains on when given no data object: "corpus" (the
-    synthetic corpus) or the path of a UTF-8 text file."""
-
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    eval_every: int = 50
-    eval_batches: int = 4
-    log_every: int = 10
-    save_every: int = 0
-    seed: int = 0
-    precision: str = "fp32"
-    data: str = "corpus"
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        self.validate()
-
-    def validate(self) -> None:
-        """ValueError naming the field and its allowed values for every impossible setting."""
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"TrainConfig: {msg}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
-            need(is_int(getattr(self, name)) and getattr(self, name) >= 1,
-                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
-            need(is_int(getattr(self, name)) and getattr(self, name) >= 0,
-                 f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        need(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
-        need(isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr,
-             f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
-        for name in ("weight_decay", "grad_clip"):
-            need(isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0,
-                 f"{name} must be >= 0 (grad_clip 0 = no clipping), got {getattr(self, name)!r}")
-        need(isinstance(self.eps, (int, float)) and self.eps > 0, f"eps must be > 0, got {self.eps!r}")
-        need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
-             f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        need(isinstance(self.data, str) and bool(self.data),
-             f"data must be 'corpus' or the path of a text file, got {self.data!r}")
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return from_fields(cls, d)
-
-    @classmethod
-    def for_preset(cls, name: str, **overrides: Any) -> TrainConfig:
-        """The defaults tuned for a model preset ('tiny' or 'small'), with optional overrides."""
-        key = str(name).lower()
-        if key not in TRAIN_PRESETS:
-            raise ValueError(f"no training defaults for preset {name!r}; allowed presets are {list(TRAIN_PRESETS)}")
-        return cls(**{**TRAIN_PRESETS[key], **overrides})
-
-
-# Tuned on 2 CPU threads. tiny: unit tests and quick demos. small: the loss falls visibly in about two minutes.
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(steps=100, batch_size=8, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=25),
-    "small": dict(steps=500, batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-4, warmup_steps=30, eval_every=50),
-}
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of optimiser step `step` (0-based): linear warm-up over warmup_steps to lr, then a cosine from
-    lr to min_lr reached at step = steps - 1."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - 1 - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -204,8 +103,6 @@ class Trainer:
             raise ValueError(f"the data has {self.data.vocab_size} token ids but the model's vocab_size is "
                              f"{mcfg.vocab_size}")
         if cfg.precision == "fp8":
-            from .fp8 import convert_to_fp8
-
             convert_to_fp8(model)
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
@@ -249,7 +146,7 @@ class Trainer:
                         if not (isinstance(value, torch.Tensor) and value.dim() == 0):
                             raise ValueError(f"loss term {name!r} must be a scalar tensor, got {value!r}")
                         terms[name] = value
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD_ID)
+            ce = cross_entropy(logits, targets)
             loss = ce + sum(t.float() for t in terms.values())
             (loss / cfg.grad_accum).backward()
             for name, value in {"train_loss": ce, **terms}.items():
@@ -273,8 +170,7 @@ class Trainer:
         for batch in self.val:
             with self._autocast():
                 logits = self.model(batch.inputs.to(self.device))  # (B, T, vocab)
-            total += F.cross_entropy(logits.float().flatten(0, 1), batch.targets.to(self.device).flatten(),
-                                     ignore_index=PAD_ID).item()
+            total += cross_entropy(logits, batch.targets.to(self.device)).item()
         self.model.train(was_training)
         return total / len(self.val)
 
@@ -331,35 +227,21 @@ class Trainer:
         return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the checkpoint folder `path` atomically: everything goes into a temporary folder beside it, which
-        then replaces `path`; if anything fails, a checkpoint already at `path` is left as it was."""
+        """Write the checkpoint folder `path` atomically (`io.atomic.write_folder`): if anything fails, a checkpoint
+        already at `path` is left as it was."""
         path = os.path.abspath(os.fspath(path))
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{path} exists and is not a folder: a checkpoint is a folder")
         if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, TRAIN_STATE_NAME)):
             raise ValueError(f"{path} exists and is not a training checkpoint: refusing to overwrite it")
-        parent, base = os.path.split(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
-        try:
-            self.model.save_pretrained(tmp)
-            save_file(self._state_tensors(), os.path.join(tmp, TRAIN_STATE_NAME), metadata=self._state_metadata())
-            with open(os.path.join(tmp, TRAIN_CONFIG_NAME), "w", encoding="utf-8") as f:
-                json.dump(self.cfg.to_dict(), f, indent=2)
-                f.write("\n")
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
-                os.replace(path, old)  # (an empty directory is replaced by rename)
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        write_folder(path, self._write_checkpoint)
+
+    def _write_checkpoint(self, folder: str) -> None:
+        save_pretrained(self.model, folder)
+        save_file(self._state_tensors(), os.path.join(folder, TRAIN_STATE_NAME), metadata=self._state_metadata())
+        with open(os.path.join(folder, TRAIN_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.cfg.to_dict(), f, indent=2)
+            f.write("\n")
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"step": torch.tensor(self.step, dtype=torch.int64),
@@ -402,7 +284,7 @@ class Trainer:
         if differ:
             detail = ", ".join(f"{k}: checkpoint {saved_cfg.get(k)!r}, model {ours.get(k)!r}" for k in differ)
             raise ValueError(f"{path}: the checkpoint was trained with a different model config ({detail})")
-        loaded = Transformer.from_pretrained(path, dtype=self.model.embed.weight.dtype)  # ValueError if damaged
+        loaded = from_pretrained(path, dtype=self.model.embed.weight.dtype)  # ValueError if damaged
         self.model.load_state_dict(loaded.state_dict())
         names = self._param_names()
         optim_state: dict[int, dict[str, torch.Tensor]] = {}
@@ -421,7 +303,6 @@ class Trainer:
         random.setstate((python_random[0], tuple(python_random[1]), python_random[2]))
 
 
-# ---------------------------------------------------------------------------------------------- command line
 def read_train_config(path: str | os.PathLike) -> TrainConfig:
     """The `train_config.json` of a checkpoint folder."""
     file = os.path.join(os.fspath(path), TRAIN_CONFIG_NAME)
@@ -440,69 +321,3 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
             return ModelConfig.from_dict(json.loads(f.metadata()["model_config"]))
     except Exception as e:
         raise ValueError(f"{file}: cannot read the model config ({type(e).__name__}: {e})") from None
-
-
-_CLI_FIELDS = ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "grad_accum", "eval_every",
-               "eval_batches", "log_every", "save_every", "seed", "precision", "data")
-
-
-def _cli_device(name: str) -> torch.device:
-    """--device: "cpu" or a CUDA device ("cuda", "cuda:1"), with a clear error where there is none."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch build or machine has no CUDA device")
-    return device
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    overrides = {k: getattr(args, k) for k in _CLI_FIELDS if getattr(args, k) is not None}
-    if args.resume is not None:
-        cfg = read_train_config(args.resume).replace(**overrides)
-        # with --preset, resume checks that it matches the checkpoint
-        model_cfg = read_model_config(args.resume) if args.preset is None else ModelConfig.from_preset(args.preset)
-    else:
-        preset = args.preset or "small"
-        cfg = TrainConfig.for_preset(preset, **overrides)
-        model_cfg = ModelConfig.from_preset(preset)
-    device = _cli_device(args.device)
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg)
-    model.reset_parameters(cfg.seed)  # on the CPU, so that a seed gives the same weights on every device
-    trainer = Trainer(model.to(device), cfg, progress=not args.no_progress)
-    trainer.fit(resume_from=args.resume, out=args.out)
-    last = trainer.history[-1]
-    val = last.get("val_loss", float("nan"))
-    print(f"step {trainer.step}: train loss {last['train_loss']:.4f} ({bits_per_byte(last['train_loss']):.3f} "
-          f"bits/byte), val loss {val:.4f} ({bits_per_byte(val):.3f} bits/byte), "
-          f"{trainer.tokens_per_s:.0f} tokens/s")
-    print(f"checkpoint: {os.path.abspath(args.out)}")
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """`python -m dsv3_ref train --preset small --steps N --out DIR [...]`."""
-    p = subparsers.add_parser("train", help="train a small model on the synthetic corpus or a text file",
-                              description="Train a preset on byte tokens; save a resumable checkpoint in --out.")
-    p.add_argument("--preset", choices=list(TRAIN_PRESETS), default=None,
-                   help="model preset (default small; with --resume: the checkpoint's)")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--resume", default=None, help="checkpoint folder to continue from (its train_config.json gives "
-                                                  "the defaults)")
-    p.add_argument("--data", default=None, help="'corpus' (default) or the path of a UTF-8 text file")
-    for name, kind in (("steps", int), ("batch_size", int), ("seq_len", int), ("lr", float), ("min_lr", float),
-                       ("warmup_steps", int), ("grad_accum", int), ("eval_every", int), ("eval_batches", int),
-                       ("log_every", int), ("save_every", int), ("seed", int)):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
-    p.add_argument("--precision", choices=PRECISIONS, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; with --precision fp8 a GPU with FP8 "
-                   "tensor cores runs real FP8 GEMMs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_cli)

@@ -24,15 +24,13 @@ the per-step logits line up. As there, the loop ends as soon as every sequence h
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
-from .attention import KVCache
-from .config import ATTN_IMPLS
-from .data import EOS_ID, decode, encode
-from .model import Transformer
+from ..data import EOS_ID, decode, encode
+from ..nn.attention import KVCache
+from ..nn.model import Transformer
 
 
 @torch.no_grad()
@@ -72,8 +70,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return (probs / noise).argmax(dim=-1)
 
 
-def _check_args(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                top_p: float, eos_id: int | None) -> None:
+def check_generation_args(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                          top_p: float, eos_id: int | None) -> None:
+    """ValueError naming the argument and what is allowed, for `generate`'s (and `speculative_generate`'s) arguments."""
     cfg = model.config
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -109,7 +108,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     ('naive' | 'absorb'; default: the model's). Sampling with a `seed` uses its own generator (reproducible);
     without one it draws from torch's global RNG.
     """
-    _check_args(model, prompts, max_new_tokens, temperature, top_p, eos_id)
+    check_generation_args(model, prompts, max_new_tokens, temperature, top_p, eos_id)
     device = model.embed.weight.device
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
@@ -155,29 +154,3 @@ def generate_text(model: Transformer, prompt: str, max_new_tokens: int = 64, bos
     if not ids:
         raise ValueError("prompt encodes to zero tokens; give at least one character or use bos=True")
     return decode(generate(model, [ids], max_new_tokens, **kwargs)[0])
-
-
-# ---------------------------------------------------------------------- command line
-def _run_cli(args: argparse.Namespace) -> int:
-    model = Transformer.from_pretrained(args.checkpoint)
-    model.eval()
-    text = generate_text(model, args.prompt, max_new_tokens=args.max_new_tokens, bos=not args.no_bos,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, attn_impl=args.attn_impl)
-    print(args.prompt + text)
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """`python -m dsv3_ref generate DIR --prompt TEXT [...]`: continue a byte-level prompt with a saved model."""
-    p = subparsers.add_parser("generate", help="continue a text prompt with a saved checkpoint",
-                              description="Load Transformer.from_pretrained(DIR) and continue --prompt (byte tokens).")
-    p.add_argument("checkpoint", metavar="DIR", help="checkpoint folder (config.json + *.safetensors)")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1: no cut)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
-    p.add_argument("--no-bos", action="store_true", help="do not start the prompt with <bos>")
-    p.add_argument("--attn-impl", choices=ATTN_IMPLS, default=None,
-                   help="KV cache layout (default: the checkpoint config's)")
-    p.set_defaults(func=_run_cli)

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ModelConfig
-from .moe import Gate, MoE, Routing, run_experts
+from ..config import ModelConfig
+from ..nn.moe import Gate, MoE, Routing, run_experts
 
 
 def _world_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:

@@ -32,12 +32,10 @@ the K chosen experts does not matter: transformers, for one, does not sort them)
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,12 +44,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .model import Transformer
-from .moe import MoE
-from .mtp import mtp_hidden_states
+from ..config import ModelConfig
+from ..io.checkpoint import from_pretrained, save_pretrained
+from ..nn.model import Transformer
+from ..nn.moe import MoE
+from ..objectives.mtp import mtp_hidden_states
 
-REFERENCE_DIR = Path(__file__).resolve().parent / "reference_outputs"
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reference_outputs"
 FORMAT = "dsv3_ref reference outputs v1"
 TOKENS_FILE = "tokens.safetensors"
 STD, NORM_STD, BIAS_MAX = 0.1, 0.2, 0.3  # the reference weights: N(0, STD), norms 1 + N(0, NORM_STD), bias U(0, MAX)
@@ -197,7 +196,7 @@ def export_reference(name: str, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"export: {str(folder)!r} exists and is not a folder")
-    model.save_pretrained(folder)
+    save_pretrained(model, folder)
     save_file({"tokens": tokens}, str(folder / TOKENS_FILE), metadata={"reference": name})
     return folder
 
@@ -393,60 +392,9 @@ def validate_checkpoint(path: str | os.PathLike, reference: str | None = None, a
                         rtol: float = RTOL) -> ValidationReport:
     """Load a hub-format checkpoint with dsv3_ref, run it on the matching reference's tokens (or `reference`'s,
     whose config it must have), and compare layer by layer."""
-    model = Transformer.from_pretrained(path).eval()
+    model = from_pretrained(path).eval()
     name = matching_reference(model.config)
     if reference is not None and reference != name:
         get_reference(reference)
         raise ValueError(f"the checkpoint's config is reference {name!r}'s, not {reference!r}'s")
     return compare(collect_outputs(model, reference_tokens(name)), name, atol, rtol)
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """`python -m dsv3_ref validate ...`: the three modes of the module docstring, and --list."""
-    p = subparsers.add_parser(
-        "validate", help="compare a checkpoint or an implementation's outputs with shipped reference outputs",
-        description="Exactly one of: CHECKPOINT_DIR (run dsv3_ref on a hub-format checkpoint and compare it with "
-                    "the reference of the same config), --outputs FILE --reference NAME (compare your "
-                    "implementation's outputs), --export-reference NAME DIR (write a reference model and its tokens "
-                    "for your implementation), --list. Exit code 0: agrees, 1: diverges, 2: bad input.",
-        epilog="Outputs format (safetensors): logits (B, T, vocab); optional hidden.{i} (B, T, dim) after block i; "
-               "routing.{i}.indices / routing.{i}.weights (B*T, K); mtp.{k}.logits. See `dsv3_ref.validate`.")
-    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT_DIR", help="hub-format checkpoint folder")
-    p.add_argument("--outputs", metavar="FILE", help="safetensors file with your implementation's outputs")
-    p.add_argument("--reference", metavar="NAME", help=f"reference name, one of {list(REFERENCES)}")
-    p.add_argument("--export-reference", nargs=2, metavar=("NAME", "DIR"), help="write reference NAME to DIR")
-    p.add_argument("--list", action="store_true", help="list the shipped references")
-    p.add_argument("--atol", type=float, default=ATOL, help=f"absolute tolerance (default {ATOL:g})")
-    p.add_argument("--rtol", type=float, default=RTOL, help=f"relative tolerance (default {RTOL:g})")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    modes = [m for m, on in [("CHECKPOINT_DIR", args.checkpoint), ("--outputs", args.outputs),
-                             ("--export-reference", args.export_reference), ("--list", args.list)] if on]
-    if len(modes) != 1:
-        raise ValueError(f"validate: give exactly one of CHECKPOINT_DIR, --outputs, --export-reference, --list; got "
-                         f"{modes or 'none'}")
-    if not (args.atol >= 0 and args.rtol >= 0):
-        raise ValueError(f"--atol and --rtol must be >= 0, got {args.atol} and {args.rtol}")
-    if args.list:
-        for name, ref in REFERENCES.items():
-            print(f"{name:<12} {ref.description}")
-        return 0
-    if args.export_reference:
-        name, folder = args.export_reference
-        export_reference(name, folder)
-        print(f"wrote reference {name!r} to {folder}: config.json + model.safetensors (hub format) and {TOKENS_FILE} "
-              f"(tokens {tuple(reference_tokens(name).shape)}); run your implementation on the tokens and check it "
-              f"with: python -m dsv3_ref validate --outputs FILE --reference {name}")
-        return 0
-    if args.outputs:
-        if args.reference is None:
-            raise ValueError(f"validate --outputs needs --reference NAME, one of {list(REFERENCES)}")
-        report = validate_outputs(args.outputs, args.reference, args.atol, args.rtol)
-    else:
-        report = validate_checkpoint(args.checkpoint, args.reference, args.atol, args.rtol)
-    print(report)
-    sys.stdout.flush()
-    return 0 if report.passed else 1

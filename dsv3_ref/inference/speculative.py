@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import KVCache, causal_mask
-from .data import EOS_ID
-from .generate import _check_args
-from .model import Transformer
+from ..data import EOS_ID
+from ..nn.attention import KVCache, causal_mask
+from ..nn.model import Transformer
+from .generate import check_generation_args
 
 
 @dataclass
@@ -85,7 +85,7 @@ def speculative_generate(model: Transformer, prompt_ids: list[int], max_new_toke
     `generate(model, [prompt_ids], max_new_tokens, eos_id=eos_id)[0]` (prompt excluded, a final EOS included)."""
     if len(model.mtp) == 0:
         raise ValueError("speculative_generate needs a model with an MTP module (config n_mtp_layers >= 1)")
-    _check_args(model, [prompt_ids], max_new_tokens, 0.0, 1.0, eos_id)
+    check_generation_args(model, [prompt_ids], max_new_tokens, 0.0, 1.0, eos_id)
     device = model.embed.weight.device
     P = len(prompt_ids)
     # positions fed: the prompt, then every new token but the last, plus one draft beyond it

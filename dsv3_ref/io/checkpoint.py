@@ -16,7 +16,7 @@ main ones (report §2.2), so on load those copies are compared with the main ten
 otherwise ignored, and on save they are written again, as the hub does.
 
 Released weights are FP8 (`float8_e4m3fn`) with one fp32 `<name>_scale_inv` multiplier per 128 x 128 block;
-`load_pretrained` dequantizes them (`dsv3_ref.fp8.block_dequant`). transformers' in-memory fused expert layout
+`from_pretrained` dequantizes them (`dsv3_ref.fp8.formats.block_dequant`). transformers' in-memory fused expert layout
 (`mlp.experts.gate_up_proj` (E, 2 I, H) = cat(gate, up), `mlp.experts.down_proj` (E, H, I)) is accepted on load;
 transformers' own `save_pretrained` converts back to the per-expert keys, which is also what we write.
 
@@ -28,17 +28,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .fp8 import block_dequant
+from ..config import ModelConfig
+from ..fp8.formats import block_dequant
+from ..nn.model import Transformer
+from .atomic import write_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -289,26 +291,26 @@ def _resolve_mtp(cfg: ModelConfig, keys: list[str], load_mtp: bool | None) -> Mo
         return cfg
     if load_mtp is False:
         if cfg.n_mtp_layers or stored:
-            warnings.warn(f"load_pretrained: skipping the MTP layer(s) [{names}] (load_mtp=False); the model is built "
+            warnings.warn(f"from_pretrained: skipping the MTP layer(s) [{names}] (load_mtp=False); the model is built "
                           "with n_mtp_layers=0", stacklevel=3)
         return cfg.replace(n_mtp_layers=0)
     if load_mtp is not None:
         raise ValueError(f"load_mtp must be None, True or False, got {load_mtp!r}")
     if cfg.n_mtp_layers == 0:
         if stored:
-            warnings.warn(f"load_pretrained: config.json declares no MTP module (num_nextn_predict_layers=0), so the "
+            warnings.warn(f"from_pretrained: config.json declares no MTP module (num_nextn_predict_layers=0), so the "
                           f"checkpoint's MTP layer(s) [{names}] are skipped", stacklevel=3)
         return cfg
     if not stored:
-        warnings.warn(f"load_pretrained: config.json declares num_nextn_predict_layers={cfg.n_mtp_layers} but the "
+        warnings.warn(f"from_pretrained: config.json declares num_nextn_predict_layers={cfg.n_mtp_layers} but the "
                       f"checkpoint stores no model.layers.{cfg.n_layers}+ tensors; building the model without MTP "
                       "(pass load_mtp=True to require them)", stacklevel=3)
         return cfg.replace(n_mtp_layers=0)
     return cfg
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, strict: bool = True,
-                    load_mtp: bool | None = None):
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, strict: bool = True,
+                    load_mtp: bool | None = None) -> Transformer:
     """Build a `Transformer` from a hub-format folder (config.json + safetensors). Returns the model (on CPU).
 
     dtype: the weights' dtype (float32, bfloat16 or float16); the gate biases stay float32. FP8 weights are
@@ -322,22 +324,35 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     True = require them. The MTP layer's copies of embed_tokens and shared_head.head are checked against the
     main tensors (a warning if they differ) and not loaded: the model shares the main embedding and head.
     """
-    from .model import Transformer
-
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype!r}")
     folder = _checkpoint_folder(path)
     cfg = ModelConfig.from_hf(folder)
     reader = _SafetensorsReader(folder)
     cfg = _resolve_mtp(cfg, list(reader.shapes), load_mtp)
-    n = cfg.n_layers
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    plan = _plan(reader, cfg, {name: tuple(t.shape) for name, t in model.state_dict().items()})
+    _check_plan(plan, reader, folder, cfg.n_layers, strict)
+    model.load_state_dict(_load_state(plan, reader, cfg, dtype), strict=True, assign=True)
+    return model
 
-    # ---- plan: which hub tensor (or slice of a fused one) provides each of our tensors
-    sources: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]] = {}
-    unexpected, bad_shape, duplicates = [], [], []
+
+@dataclass
+class _LoadPlan:
+    """Which hub tensor provides each of our tensors: sources[our name] = (hub key, None or a function picking our
+    slice of a fused tensor); and what does not fit (hub keys, or lines naming them, for the error message)."""
+
+    sources: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+    bad_shape: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (MTP layer's copy, our main tensor)
+    missing: list[str] = field(default_factory=list)  # our names no hub tensor provides
+
+
+def _plan(reader: _SafetensorsReader, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> _LoadPlan:
+    """Match every hub tensor of the checkpoint with our state dict `expected` ({our name: shape})."""
+    n, plan = cfg.n_layers, _LoadPlan()
     for key, shape in reader.shapes.items():
         if key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in reader:
             continue  # consumed with its FP8 weight
@@ -348,60 +363,71 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         if n <= layer < n + cfg.n_mtp_layers and m[2] in MTP_SHARED:
             main = MTP_SHARED[m[2]]
             if shape != expected[main]:
-                bad_shape.append(f"{key}: checkpoint {shape}, but it duplicates {hub_key(main, n)} {expected[main]}")
-            duplicates.append((key, main))
-            continue
-        if layer >= 0 and (f := HUB_FUSED_RE.match(m[2])):
-            _plan_fused(key, shape, f[1], f"model.layers.{layer}.", n, expected, sources, bad_shape)
-            continue
-        name = our_key(key, n)
-        if name is None or name not in expected:
-            unexpected.append(key)
-            continue
-        if shape != expected[name]:
-            bad_shape.append(f"{key}: checkpoint {shape}, model expects {expected[name]}")
-        sources[name] = (key, None)
-    no_scale = sorted({key for key, _ in sources.values()
+                plan.bad_shape.append(f"{key}: checkpoint {shape}, but it duplicates {hub_key(main, n)} "
+                                      f"{expected[main]}")
+            plan.duplicates.append((key, main))
+        elif layer >= 0 and (f := HUB_FUSED_RE.match(m[2])):
+            _plan_fused(key, shape, f[1], f"model.layers.{layer}.", n, expected, plan.sources, plan.bad_shape)
+        elif (name := our_key(key, n)) is None or name not in expected:
+            plan.unexpected.append(key)
+        else:
+            if shape != expected[name]:
+                plan.bad_shape.append(f"{key}: checkpoint {shape}, model expects {expected[name]}")
+            plan.sources[name] = (key, None)
+    plan.missing = [name for name in expected if name not in plan.sources]
+    return plan
+
+
+def _check_plan(plan: _LoadPlan, reader: _SafetensorsReader, folder: str, n_layers: int, strict: bool) -> None:
+    """ValueError listing every problem (mis-shaped tensors, FP8 weights without scales and, if strict, missing or
+    unexpected tensors); with strict=False a warning for the missing and unexpected ones."""
+    no_scale = sorted({key for key, _ in plan.sources.values()
                        if reader.dtype(key).startswith("F8") and key + SCALE_SUFFIX not in reader})
-    missing = [name for name in expected if name not in sources]
+    missing_hub = [hub_key(k, n_layers) for k in plan.missing]
     problems = []
-    if bad_shape:
-        problems.append(f"mis-shaped tensor(s) {_list_keys(bad_shape)}")
+    if plan.bad_shape:
+        problems.append(f"mis-shaped tensor(s) {_list_keys(plan.bad_shape)}")
     if no_scale:
         problems.append(f"FP8 tensor(s) without their '{SCALE_SUFFIX}' companion {_list_keys(no_scale)}")
-    if strict and missing:
-        problems.append(f"missing tensor(s) (hub names) {_list_keys([hub_key(k, n) for k in missing])}")
-    if strict and unexpected:
-        problems.append(f"unexpected tensor(s) {_list_keys(unexpected)}")
+    if strict and plan.missing:
+        problems.append(f"missing tensor(s) (hub names) {_list_keys(missing_hub)}")
+    if strict and plan.unexpected:
+        problems.append(f"unexpected tensor(s) {_list_keys(plan.unexpected)}")
     if problems:
-        raise ValueError(f"load_pretrained({folder!r}): " + "; ".join(problems))
-    if missing or unexpected:
-        warnings.warn(f"load_pretrained(strict=False): missing {_list_keys([hub_key(k, n) for k in missing])} (kept "
-                      f"randomly initialised); unexpected {_list_keys(unexpected)} (ignored)", stacklevel=2)
+        raise ValueError(f"from_pretrained({folder!r}): " + "; ".join(problems))
+    if plan.missing or plan.unexpected:
+        warnings.warn(f"from_pretrained(strict=False): missing {_list_keys(missing_hub)} (kept randomly initialised); "
+                      f"unexpected {_list_keys(plan.unexpected)} (ignored)", stacklevel=3)
 
-    # ---- load, dequantize, cast (gate biases stay fp32)
+
+def _load_state(plan: _LoadPlan, reader: _SafetensorsReader, cfg: ModelConfig, dtype: torch.dtype
+                ) -> dict[str, torch.Tensor]:
+    """Read, dequantize and cast every planned tensor (gate biases stay fp32); each hub tensor is read once (a fused
+    one feeds 2E of ours). Compares the MTP layers' copies with the main tensors; with strict=False fills the missing
+    tensors from a freshly initialised model."""
+
     def cast(name: str, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32 if name.endswith("gate.bias") else dtype)
 
-    state: dict[str, torch.Tensor] = {}
     by_key: dict[str, list[tuple[str, Callable | None]]] = {}
-    for name, (key, pick) in sources.items():
+    for name, (key, pick) in plan.sources.items():
         by_key.setdefault(key, []).append((name, pick))
-    for key, targets in by_key.items():  # each hub tensor is read once (a fused one feeds 2E of ours)
+    state: dict[str, torch.Tensor] = {}
+    for key, targets in by_key.items():
         t = reader.get(key)
         for name, pick in targets:
             state[name] = cast(name, t if pick is None else pick(t).clone())
         del t
-    for key, main in duplicates:
+    for key, main in plan.duplicates:
         if main in state and not torch.equal(cast(main, reader.get(key)), state[main]):
-            warnings.warn(f"load_pretrained: {key} differs from {hub_key(main, n)}; the MTP module shares the main "
-                          "model's tensor (as the report and serving stacks do), so this copy is ignored", stacklevel=2)
-    if missing:  # strict=False only
+            warnings.warn(f"from_pretrained: {key} differs from {hub_key(main, cfg.n_layers)}; the MTP module shares "
+                          "the main model's tensor (as the report and serving stacks do), so this copy is ignored",
+                          stacklevel=3)
+    if plan.missing:  # strict=False only
         fresh = Transformer(cfg).state_dict()
-        for name in missing:
+        for name in plan.missing:
             state[name] = cast(name, fresh[name])
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return state
 
 
 def _plan_fused(key: str, shape: tuple[int, ...], kind: str, prefix: str, n_layers: int,
@@ -427,30 +453,13 @@ def _plan_fused(key: str, shape: tuple[int, ...], kind: str, prefix: str, n_laye
 
 
 # ------------------------------------------------------------------ writing
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) into a temporary file next to `path`, then rename it over `path` (never a half-written file)."""
-    folder, base = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: str, obj: Any) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
 
-    _atomic_write(path, write)
+    write_file(path, write)
 
 
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
@@ -472,22 +481,14 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
         raise ValueError(f"save_pretrained: tensor(s) on the meta device have no data, {_list_keys(meta)}")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
+    shards = _shard(tensors, max_shard_bytes)
     n_layers = model.config.n_layers
 
     def write_shard(keys: list[str], file: str) -> None:
         # safetensors refuses tensors sharing storage: the MTP layer's copies of embed/head are cloned
         data = {k: (tensors[k].detach().cpu().clone() if _is_mtp_copy(k, n_layers)
                     else tensors[k].detach().cpu().contiguous()) for k in keys}
-        _atomic_write(os.path.join(path, file), lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+        write_file(os.path.join(path, file), lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
 
     if len(shards) == 1:
         write_shard(shards[0], WEIGHTS_NAME)
@@ -505,6 +506,21 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
         if stale not in written and (stale in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(stale)):
             os.unlink(os.path.join(path, stale))
     _write_json(os.path.join(path, CONFIG_NAME), model.config.to_hf())
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[list[str]]:
+    """The keys of `tensors` in order, cut into shards of at most `max_shard_bytes` (None: one shard); a tensor larger
+    than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
 
 
 def _is_mtp_copy(key: str, n_layers: int) -> bool:

@@ -1,70 +1,19 @@
-"""Pipeline-parallel schedules as event simulations: 1F1B, ZB1P (zero bubble) and DualPipe (report §3.2.1).
+"""Pipeline-parallel schedules as event simulations: 1F1B, ZB1P (zero bubble) and DualPipe (report §3.2.1, Table 2).
+Notebook 90 teaches them.
 
-The model is cut into `pp` stages of equal cost, one per pipeline rank (DualPipe: two per rank, see below); a batch
-is split into `n_micro` micro-batches. Each rank runs a fixed ORDER of operations, and an operation starts as soon
-as its rank is free and its inputs exist (communication takes no time: Table 2 counts computation only). The op
-kinds and their durations (`Durations`):
+The model is cut into `pp` stages of equal cost, one per rank (DualPipe: two per rank, one per direction); a batch
+is split into `n_micro` micro-batches. Each rank runs a fixed order of operations (`ORDERS`), and an operation starts
+as soon as its rank is free and its inputs exist (communication is free: Table 2 counts computation only). Op kinds
+(`Durations`): F forward of one stage; B full backward; BI its input-gradient part (B - W) and W its weight-gradient
+part (zero bubble, Qi et al. 2023; nothing downstream waits for W); an F&B pair of two micro-batches overlapped
+(DualPipe), FB <= F + B. Micro-batch k's F on stage s needs its F on s - 1; its B/BI on s needs its F on s and the
+input gradient from s + 1; W needs BI on the same rank.
 
-    F   forward of one micro-batch through one stage                                   duration F
-    B   full backward (input gradient and weight gradient together)                    duration B
-    BI  backward for the input gradient only (zero-bubble split, Qi et al. 2023)        duration B - W
-    W   backward for the weight gradient (needs BI; nothing downstream waits for it)    duration W
-    F&B an F and a B of two different micro-batches run together, overlapping each other's communication
-        (DualPipe); both results appear at the end                                       duration FB (<= F + B)
-
-Dependencies: micro-batch k's F on stage s needs its F on stage s - 1; its B/BI on stage s needs its F on s and
-its input gradient from stage s + 1 (the last stage starts the backward from its loss); W needs BI on the same rank.
-
-The three orders (`schedule(method, pp, n_micro, durations)`):
-
-- 1F1B: rank r runs pp-1-r warm-up forwards, then alternates one F and one full B, then the remaining Bs.
-- ZB1P (ZB-H1 of Qi et al.): 1F1B with each B split into BI and W; rank r keeps up to r weight passes deferred
-  (rank 0 none, the last rank pp-1), which never lets more than pp micro-batches be in flight (the same memory as
-  1F1B), and runs the deferred Ws after its last BI, where 1F1B idles waiting for the cooldown.
-- DualPipe: micro-batches enter from both ends, half at rank 0 (direction 0) and half at rank pp-1 (direction 1).
-  Rank r holds stage r of direction 0 and stage pp-1-r of direction 1: two model chunks, so every stage's
-  parameters live on two ranks (2x parameter memory). The order is the one of deepseek-ai/DualPipe
-  (`dualpipe/dualpipe.py`, `DualPipe.step`), with h = min(r, pp-1-r), n = pp/2, "0" the direction that enters at
-  the nearer end of the pipeline and "1" the other one:
-      1. 2(n-h-1) x F0                  5. (n-h-1) x (B1, F1&B0)
-      2. (h+1) x (F0, F1)                6. (h+1) x (B1, B0), the second half split into BI with W deferred
-      3. (n-h-1) x (BI1, W1, F1)         7. (n-h-1) x (W, BI0)
-      4. (n_micro/2 - pp + h + 1) x (F0&B1, F1&B0)   8. (h+1) x W
-  (on the two middle ranks the first F0&B1 of step 4 runs as F0 then B1, not overlapped, as in the repository).
-  We simulate these orders on the dependencies above; the repository's batched send/receive calls, which can make
-  a rank also wait for its next input, are not modelled.
-
-Metrics of a `Schedule`:
-
-- `bubble_per_rank`: makespan - the rank's busy time (an F&B pair counts once, FB): the idle time of each rank in
-  one iteration, since every rank waits for the slowest before the optimizer step. `bubble` is its maximum over
-  the ranks (for 1F1B and ZB1P all ranks are equal; in DualPipe the two middle ranks idle most, because they run
-  more F&B pairs, so their busy time is the shortest when FB < F + B).
-- `peak_activations`: per rank, the most micro-batch-stages in flight at once, in units of one micro-batch's
-  activations through one stage (1/pp of the layers): a micro-batch-stage is allocated when its F starts and freed
-  when its weight gradient is done (the end of B or W). `activation_memory` is the maximum over the ranks.
-- `parameter_memory`: model chunks (stages) held per rank: 1 for 1F1B and ZB1P, 2 for DualPipe.
-
-What is reproduced exactly (tests/test_pipeline.py), against `TABLE2` (the report's Table 2):
-
-- 1F1B: bubble (pp-1)(F+B) for every F, B (W plays no part); activation memory pp; parameters 1x.
-- ZB1P: the simulation gives (pp-1) max(F+B-2W, B-W, F), which is Table 2's (pp-1)(F+B-2W) exactly when
-  W <= F and W <= B-W (otherwise the first rank waits (pp-1)(B-W) for its first input gradient, or the last rank
-  has too little W work to fill its (pp-1)F start-up wait); activation memory pp; parameters 1x.
-- DualPipe: bubble (pp/2-1)(F&B+B-3W) on the middle ranks (the maximum) exactly when B - W = F and W <= F, for
-  every FB between B and F + B and every even n_micro >= 2 pp; activation memory pp+1 on every rank (pp
-  micro-batch-stages after the warm-up, plus one while an F&B pair's forward has started and its backward has not
-  yet freed its micro-batch); parameters 2x. Outside that regime the simulated bubble differs from the formula in
-  both directions (F=1, B=3, W=1, FB=4, pp=8: 11 instead of 12; F=1, B=2.5, W=1.5, FB=3.5: 6 instead of 4.5).
-With F = 1, B = 2, W = 1 (BI = W = F: cells of equal width, as schedules are usually drawn) all three rows hold
-for any FB in [2, 3]. The report does not derive its formulas; they read like counts of idle cells in such a
-drawing, and with other durations an as-soon-as-possible run of the same order idles differently.
-
-The definition of a bubble matters: we charge every rank for the whole iteration (makespan - busy), the reading
-under which the simulation reproduces Table 2. Counting only the idle time between a rank's own first and last
-operation gives less: (pp-1-r)(F+B) on rank r of 1F1B, which starts r F late and finishes r B early. And with
-FB < F + B the DualPipe ranks differ: the end ranks run fewer F&B pairs than the middle ones, so they are busy
-longer and idle less; Table 2's value is the largest, the middle ranks'.
+`Schedule` measures the bubble (max over ranks of makespan - busy time, the reading under which Table 2 comes out),
+the activation memory (micro-batch-stages in flight) and the parameter memory (stages per rank). Reproduced exactly
+(tests/test_pipeline.py): 1F1B always; ZB1P's (pp-1)(F+B-2W) when W <= F and W <= B - W (the simulation gives
+(pp-1) max(F+B-2W, B-W, F)); DualPipe's (pp/2-1)(F&B+B-3W) when B - W = F and W <= F, for FB in [B, F + B] and even
+n_micro >= 2 pp; the memory columns always (DualPipe: 2x parameters, pp+1 activations).
 """
 
 from __future__ import annotations
@@ -137,7 +86,7 @@ Step = tuple[tuple[str, int, int], ...]
 
 @dataclass
 class Schedule:
-    """A simulated schedule: `ops` sorted by (rank, start), and the metrics described in the module docstring."""
+    """A simulated schedule: `ops` sorted by (rank, start), and its metrics (bubble, activation, parameter memory)."""
 
     method: str
     pp: int
@@ -283,43 +232,59 @@ class _DualPipeRank:
 
 
 def order_dualpipe(pp: int, n_micro: int) -> list[list[Step]]:
-    """DualPipe: the eight steps of deepseek-ai/DualPipe's `DualPipe.step` (module docstring) for each rank.
+    """DualPipe: the order of deepseek-ai/DualPipe's `DualPipe.step` (`dualpipe/dualpipe.py`) for each rank.
 
-    Micro-batches of each direction run in order 0, 1, ..., n_micro/2 - 1.
+    Micro-batches enter from both ends, half at rank 0 (direction 0) and half at rank pp-1 (direction 1), and run in
+    order 0, 1, ..., n_micro/2 - 1 within a direction. Rank r holds stage r of direction 0 and stage pp-1-r of
+    direction 1. With h = min(r, pp-1-r), n = pp/2, "0" the direction that enters at the rank's nearer end:
+        1. 2(n-h-1) x F0                  5. (n-h-1) x (B1, F1&B0)
+        2. (h+1) x (F0, F1)                6. (h+1) x (B1, B0), the second half split into BI with W deferred
+        3. (n-h-1) x (BI1, W1, F1)         7. (n-h-1) x (W, BI0)
+        4. (n_micro/2 - pp + h + 1) x (F0&B1, F1&B0)   8. (h+1) x W
+    On the two middle ranks the first F0&B1 of step 4 runs as F0 then B1, not overlapped, as in the repository. The
+    repository's batched send/receive calls, which can make a rank also wait for its next input, are not modelled.
     """
-    n, half = pp // 2, n_micro // 2
-    orders = []
-    for r in range(pp):
-        h = min(r, pp - 1 - r)
-        o, steps = _DualPipeRank(pp, r), []
-        for _ in range(2 * (n - h - 1)):  # step 1: nF0
-            steps.append((o.fwd(0),))
-        for _ in range(h + 1):  # step 2: nF0F1
-            steps += [(o.fwd(0),), (o.fwd(1),)]
-        for _ in range(n - h - 1):  # step 3: nB1W1F1 (zero bubble: the W right after its BI)
-            steps += [(o.bwd(1, split=True),), (o.weight(),), (o.fwd(1),)]
-        for i in range(half - pp + h + 1):  # step 4, the main step: nF0B1F1B0
-            if i == 0 and h == n - 1:  # the middle ranks do not overlap this pair ("to further reduce bubble size")
-                steps += [(o.fwd(0),), (o.bwd(1),)]
-            else:
-                steps.append((o.fwd(0), o.bwd(1)))
-            steps.append((o.fwd(1), o.bwd(0)))
-        for _ in range(n - h - 1):  # step 5: nB1F1B0
-            steps += [(o.bwd(1),), (o.fwd(1), o.bwd(0))]
-        split = False
-        for i in range(h + 1):  # step 6: nB1B0, its second half with deferred weight passes
-            if i == (h + 1) // 2 and h % 2 == 1:
-                split = True
-            steps.append((o.bwd(1, split),))
-            if i == (h + 1) // 2 and h % 2 == 0:
-                split = True
-            steps.append((o.bwd(0, split),))
-        for _ in range(n - h - 1):  # step 7: nWB0
-            steps += [(o.weight(),), (o.bwd(0, split=True),)]
-        for _ in range(h + 1):  # step 8: nW
-            steps.append((o.weight(),))
-        orders.append(steps)
-    return orders
+    return [_dualpipe_rank(pp, r, n_micro // 2) for r in range(pp)]
+
+
+def _dualpipe_rank(pp: int, r: int, half: int) -> list[Step]:
+    """Rank r's DualPipe order, h = min(r, pp-1-r), n = pp/2: the warm-up and main steps 1-5, then `_dualpipe_drain`."""
+    n, h = pp // 2, min(r, pp - 1 - r)
+    o, steps = _DualPipeRank(pp, r), []
+    for _ in range(2 * (n - h - 1)):  # step 1: nF0
+        steps.append((o.fwd(0),))
+    for _ in range(h + 1):  # step 2: nF0F1
+        steps += [(o.fwd(0),), (o.fwd(1),)]
+    for _ in range(n - h - 1):  # step 3: nB1W1F1 (zero bubble: the W right after its BI)
+        steps += [(o.bwd(1, split=True),), (o.weight(),), (o.fwd(1),)]
+    for i in range(half - pp + h + 1):  # step 4, the main step: nF0B1F1B0
+        if i == 0 and h == n - 1:  # the middle ranks do not overlap this pair ("to further reduce bubble size")
+            steps += [(o.fwd(0),), (o.bwd(1),)]
+        else:
+            steps.append((o.fwd(0), o.bwd(1)))
+        steps.append((o.fwd(1), o.bwd(0)))
+    for _ in range(n - h - 1):  # step 5: nB1F1B0
+        steps += [(o.bwd(1),), (o.fwd(1), o.bwd(0))]
+    return steps + _dualpipe_drain(o, n, h)
+
+
+def _dualpipe_drain(o: _DualPipeRank, n: int, h: int) -> list[Step]:
+    """Steps 6-8 of a DualPipe rank: the last backward passes, half of them with deferred weight passes, then the
+    deferred weight passes."""
+    steps: list[Step] = []
+    split = False
+    for i in range(h + 1):  # step 6: nB1B0, its second half with deferred weight passes
+        if i == (h + 1) // 2 and h % 2 == 1:
+            split = True
+        steps.append((o.bwd(1, split),))
+        if i == (h + 1) // 2 and h % 2 == 0:
+            split = True
+        steps.append((o.bwd(0, split),))
+    for _ in range(n - h - 1):  # step 7: nWB0
+        steps += [(o.weight(),), (o.bwd(0, split=True),)]
+    for _ in range(h + 1):  # step 8: nW
+        steps.append((o.weight(),))
+    return steps
 
 
 ORDERS = {"1F1B": order_1f1b, "ZB1P": order_zb1p, "DualPipe": order_dualpipe}
@@ -373,7 +338,7 @@ def simulate_orders(pp: int, orders: list[list[Step]], durations: Durations) -> 
     return sorted(ops, key=lambda op: (op.rank, op.start, op.op))
 
 
-def _check_args(method: str, pp: int, n_micro: int) -> None:
+def _check_schedule_args(method: str, pp: int, n_micro: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not (isinstance(pp, int) and pp >= 1):
@@ -399,6 +364,6 @@ def schedule(method: str, pp: int, n_micro: int, durations: Durations | None = N
     durations = Durations() if durations is None else durations
     if not isinstance(durations, Durations):
         raise ValueError(f"durations must be a Durations, got {type(durations).__name__}")
-    _check_args(method, pp, n_micro)
+    _check_schedule_args(method, pp, n_micro)
     ops = simulate_orders(pp, ORDERS[method](pp, n_micro), durations)
     return Schedule(method, pp, n_micro, durations, ops)

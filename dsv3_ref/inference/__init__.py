@@ -1,0 +1,2 @@
+"""Inference: KV-cached generation and sampling (`generate`) and self-speculative decoding with the MTP module
+(`speculative`)."""

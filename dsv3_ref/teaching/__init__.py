@@ -1,0 +1,2 @@
+"""Teaching and checking: exercise checkers (`exercises`) and validation against shipped reference outputs
+(`validate`)."""
