@@ -1,6 +1,8 @@
 """The classroom material: the student edition (`classroom.editions`), the instructor guide's lesson plans and the
-rubric (they add up and agree with the notebooks and the checkers), and the lesson slides (`classroom.slides`:
-built offline, rendered by a headless Chromium without blank slides or raw TeX).
+rubric (they add up and agree with the notebooks and the checkers), the lesson slides (`classroom.slides`: built
+offline, rendered by a headless Chromium without blank slides or raw TeX), and the instructor edition (every
+notebook-end checker passes with the solutions, the exercise notebooks are marked, the runtime headers agree with the
+README's measurements).
 
 The student edition is checked statically for every notebook (no solution cell, no line of a solution in it, an
 answer stub before every solution); executing it is `make student`'s job (about 6 minutes), except for the exercise
@@ -400,3 +402,55 @@ def test_first_slides_of_every_deck_render(decks, tmp_path):
             assert not browser.problems(report), f"{deck.name} slide {report['slide']}: {browser.problems(report)}"
         png = browser.screenshot(deck.as_uri() + "#/1", tmp_path / f"{deck.stem}.png")
         assert browser.blank_fraction(png) < 0.99, f"{deck.name}: slide 1 is blank"
+
+
+# ------------------------------------------------------------------------------------------ the instructor edition
+TEACHING = [p for p in ALL if p.parent == NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", TEACHING, ids=lambda p: p.stem)
+def test_instructor_checker_passes_every_exercise(path):
+    """The stored output of a teaching notebook's checker cell: exactly one "[PASS] exercise k: correct" per
+    exercise of its list, so every solution passes its checker (nbval re-runs it in `make test`)."""
+    nb = _nb(path)
+    assert any(editions.is_solution(c) for c in nb["cells"]), f"{path.name}: no cell tagged solution"
+    [checker] = [c for c in nb["cells"] if c["cell_type"] == "code" and _src(c).lstrip().startswith("# checker")]
+    lines = [ln for o in checker["outputs"] for ln in "".join(o.get("text", "")).splitlines() if ln.strip()]
+    n = _exercise_count(path)
+    assert lines == [f"[PASS] exercise {k}: correct" for k in range(1, n + 1)], f"{path.name}: {lines}"
+
+
+def test_the_exercise_notebooks_are_marked():
+    student, solutions = NOTEBOOKS / "exercises" / "01_student.ipynb", NOTEBOOKS / "exercises" / "02_solutions.ipynb"
+    assert editions.is_instructor_only(_nb(solutions)) and not editions.is_instructor_only(_nb(student))
+    plugged = "\n".join(_src(c) for c in _nb(student)["cells"] if editions.is_solution(c))
+    from dsv3_ref.teaching import exercises as ex
+
+    missing = [e.function for e in ex.EXERCISES.values() if f'solutions["{e.function}"]' not in plugged]
+    assert not missing, f"stubs not followed by a solution cell that plugs them in: {missing}"
+
+
+def _runtime_seconds(phrase: str) -> tuple[float, float]:
+    """The range a notebook header's runtime phrase allows, in seconds ("a few seconds", "about 30 seconds",
+    "1 to 1.5 minutes", "about two minutes", ...)."""
+    words = {"one": 1, "two": 2, "three": 3, "a few": 5}
+    phrase = phrase.lower()
+    for w, n in words.items():
+        phrase = phrase.replace(w, str(n))
+    numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", phrase)]
+    unit = 60 if re.search(r"\bminutes?\b", phrase) else 1
+    lo, hi = (min(numbers), max(numbers)) if numbers else (1, 10)
+    return lo * unit / 2.5, hi * unit * 2.5
+
+
+def test_notebook_headers_state_the_measured_runtime():
+    """Each notebook's **Runtime** line agrees (within a factor 2.5) with the README's measured runtime."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    measured = {m[0]: float(m[1]) for m in re.findall(r"^\| `(\d\d_\w+)` \|.*\| (\d+) s \|$", readme, flags=re.M)}
+    assert measured, "the README's notebook table with runtimes"
+    for path in TEACHING:
+        head = _src(_nb(path)["cells"][0])
+        phrase = re.search(r"\*\*Runtime\*\*:\s*([^.;(]*)", head).group(1)
+        lo, hi = _runtime_seconds(phrase)
+        assert lo <= measured[path.stem] <= hi, f"{path.stem}: header says {phrase!r}, README measured " \
+                                                f"{measured[path.stem]:g} s"
