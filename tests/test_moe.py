@@ -1,10 +1,13 @@
-"""Gate and MoE: bias only selects, group-limited top-k, V2 softmax semantics, and dispatch-by-sorting."""
+"""Gate and MoE: bias only selects, group-limited top-k, V2 softmax semantics, dispatch-by-sorting, and the grouped
+experts path against the reference loop."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from dsv3_ref import Gate, ModelConfig, MoE
+from dsv3_ref import Gate, ModelConfig, MoE, Transformer
+from dsv3_ref.fp8.linear import convert_to_fp8
+from dsv3_ref.nn.moe import EXPERT_IMPLS, can_group, run_experts, set_expert_impl
 
 # 16 experts in 4 groups of 4, keep 2 groups, 3 experts per token: top-2-sum, max and full-sum group scores differ
 GROUPED = dict(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3)
@@ -206,3 +209,107 @@ def test_last_routing_recorded():
     expected = moe.gate(x.reshape(-1, cfg.dim))
     assert torch.equal(r.indices, expected.indices)
     assert_close(r.weights, expected.weights, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- expert_impl
+def _grads(moe: MoE, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """moe(x) and the gradients of <moe(x), grad_out> for x and every parameter (None where none flowed)."""
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = moe(x)
+    y.backward(grad_out)
+    return y.detach(), {"x": x.grad, **{name: p.grad for name, p in moe.named_parameters()}}
+
+
+@pytest.mark.parametrize("overrides", [{}, GROUPED, dict(score_func="softmax", n_shared_experts=2)])
+def test_grouped_experts_equal_the_loop(overrides):
+    cfg, moe = _moe(**overrides)
+    x = torch.randn(4, 9, cfg.dim)
+    grad_out = torch.randn(4, 9, cfg.dim)
+    assert moe.expert_impl == "grouped" and can_group(moe.experts, x)  # the default, and it runs here
+    y, grads = _grads(moe, x, grad_out)
+    moe.expert_impl = "loop"
+    y_loop, grads_loop = _grads(moe, x, grad_out)
+    # The same products per expert in float32: the grouped GEMM calls the same matmul on each expert's rows, but the
+    # fused gate/up GEMM is twice as wide and the weight gradients come out of a GEMM in the other orientation, so the
+    # BLAS may block the sums differently: agreement to float32 rounding, not bit for bit.
+    assert_close(y, y_loop, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_loop.keys()
+    for name, g in grads.items():
+        if grads_loop[name] is None:  # an idle expert: no gradient in either (so AdamW leaves it alone in both)
+            assert g is None, name
+        else:
+            assert_close(g, grads_loop[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_grouped_experts_leave_idle_experts_without_gradient():
+    cfg, moe = _moe(**GROUPED)
+    with torch.no_grad():
+        moe.gate.bias.zero_()
+        moe.gate.bias[[1, 2, 5, 6]] = 10.0  # only experts 1, 2, 5, 6 can win
+    _, grads = _grads(moe, torch.randn(2, 5, cfg.dim), torch.randn(2, 5, cfg.dim))
+    used = {1, 2, 5, 6}
+    for e in range(cfg.n_routed_experts):
+        for w in ("w1", "w2", "w3"):
+            assert (grads[f"experts.{e}.{w}.weight"] is not None) == (e in used), (e, w)
+
+
+@pytest.mark.parametrize("how", ["autocast", "cast"])
+def test_grouped_experts_in_bfloat16_equal_the_loop(how):
+    cfg, moe = _moe(**GROUPED)
+    x = torch.randn(4, 9, cfg.dim)
+    if how == "cast":
+        moe.to(torch.bfloat16)
+        x = x.bfloat16()
+    outs = {}
+    for impl in EXPERT_IMPLS:
+        moe.expert_impl = impl
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+            outs[impl] = moe(x)
+    assert outs["grouped"].dtype == outs["loop"].dtype == (torch.float32 if how == "autocast" else torch.bfloat16)
+    # both compute the experts' GEMMs in bfloat16 (under autocast as nn.Linear would): equal to bfloat16 rounding
+    assert_close(outs["grouped"], outs["loop"], rtol=2e-2, atol=2e-2)
+
+
+def test_grouped_falls_back_to_the_loop_where_it_cannot_run():
+    cfg, moe = _moe()
+    x = torch.randn(10, cfg.dim)
+    assert can_group(moe.experts, x)
+    assert not can_group(moe.experts, x.double())  # grouped GEMMs take float32 / bfloat16 / float16 only
+    _, odd = _moe(moe_inter_dim=6)  # rows of 6 floats: not a multiple of 16 bytes
+    assert not can_group(odd.experts, x)
+    with torch.no_grad():
+        y, y_loop = odd(x), run_experts_loop(odd, x)
+    assert torch.equal(y, y_loop)  # the fallback is the loop itself
+    convert_to_fp8(moe)  # FP8Linear experts run in the loop
+    assert not can_group(moe.experts, x)
+    with torch.no_grad():
+        assert torch.equal(moe(x), run_experts_loop(moe, x))
+
+
+def run_experts_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """moe(x) with the reference loop, leaving moe.expert_impl as it was."""
+    impl = moe.expert_impl
+    moe.expert_impl = "loop"
+    try:
+        return moe(x)
+    finally:
+        moe.expert_impl = impl
+
+
+def test_expert_impl_is_checked():
+    cfg = ModelConfig.from_preset("tiny")
+    with pytest.raises(ValueError, match="expert_impl must be one of"):
+        MoE(cfg, expert_impl="fast")
+    moe = MoE(cfg, expert_impl="loop")
+    with pytest.raises(ValueError, match="expert_impl"):
+        moe.expert_impl = "grouped_mm"
+    assert moe.expert_impl == "loop"
+    with pytest.raises(ValueError, match="expert_impl"):
+        run_experts(moe.experts, torch.zeros(1, cfg.dim), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), "bmm")
+    model = Transformer(cfg.replace(n_mtp_layers=1))
+    set_expert_impl(model, "loop")
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(layers) == cfg.n_moe_layers + 1 and all(m.expert_impl == "loop" for m in layers)  # MTP block too
+    with pytest.raises(ValueError, match="expert_impl"):
+        set_expert_impl(model, "Loop")
