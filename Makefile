@@ -8,12 +8,13 @@ STAMP := $(VENV)/.dsv3_ref-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb)) $(sort $(wildcard notebooks/*/*.ipynb))
 LINT_PATHS := $(wildcard dsv3_ref tests benchmarks scripts classroom)
 
-.PHONY: help venv test lab run notebooks lint book student instructor slides clean
+.PHONY: help venv test test-portable lab run notebooks lint book student instructor slides clean
 
 help:
 	@echo "make run    set up $(VENV) and execute every notebook in place (alias: make notebooks)"
 	@echo "make lab    set up $(VENV) and open the notebooks in JupyterLab"
 	@echo "make test   set up $(VENV) and run the unit tests and the notebook checks (nbval)"
+	@echo "make test-portable  the same under another numeric environment, as on another machine (CI runs both)"
 	@echo "make lint   ruff check (style, imports, complexity)"
 	@echo "make book   build the book offline into book/_build/html (needs npm once, for MathJax)"
 	@echo "make student     the student edition in build/student: notebooks without solutions (executed), book, zip"
@@ -30,13 +31,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -c constraints.txt -e '.[dev,hf,notebooks,book]'
 	touch $@
 
+NBVAL := -m pytest --nbval notebooks --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+
 test: venv
 	$(BIN)/python -m pytest tests
 ifneq ($(NOTEBOOKS),)
-	$(BIN)/python -m pytest --nbval notebooks --nbval-current-env \
-		--nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+	$(BIN)/python $(NBVAL)
 else
 	@echo "no notebooks/*.ipynb yet: skipping the nbval step"
+endif
+
+# The different-machine pass: the unit tests and the notebooks again, with the last bits of every float computation
+# changed the way another CPU changes them (scripts/perturbed_env.py: one ATen CPU capability below this machine's,
+# MKL_CBWR=COMPATIBLE, another thread count). A stored output or an exact comparison that holds only on the machine
+# that made it fails here. Reproducible on its own: `env $$(.venv/bin/python scripts/perturbed_env.py) <command>`.
+test-portable: venv
+	@echo "different-machine pass: $$($(BIN)/python scripts/perturbed_env.py)"
+	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python -m pytest tests -p no:cacheprovider
+ifneq ($(NOTEBOOKS),)
+	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python $(NBVAL)
 endif
 
 lab: venv

@@ -105,6 +105,7 @@ def test_absorb_cache_holds_only_the_latent():
         c_kv, k_pe = mla.wkv_a(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         rms = c_kv * torch.rsqrt(c_kv.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * mla.kv_norm.weight
         assert_close(layer["kv"][:, :T], rms, rtol=1e-5, atol=1e-6)  # kv_norm(c_kv): after the RMSNorm
+        # exact: MLA.latent computes this very wkv_a product and RoPE on the same input
         assert_close(layer["pe"][:, :T], apply_rotary_emb(k_pe, fc), rtol=0, atol=0)  # k_pe after RoPE
         assert not torch.allclose(layer["pe"][:, 1:T], k_pe[:, 1:])  # ... really rotated
     assert layer["kv"][:, T:].abs().sum() == 0 and layer["pe"][:, T:].abs().sum() == 0  # nothing written beyond

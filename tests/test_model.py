@@ -41,7 +41,7 @@ def test_logits_shape(model, random_tokens):
     assert torch.isfinite(logits).all()
     hidden = model.hidden_states(tokens)
     assert hidden.shape == (2, 9, TINY.dim)
-    assert_close(model.head(hidden), logits, rtol=0, atol=0)
+    assert_close(model.head(hidden), logits, rtol=0, atol=0)  # exact: forward is head(hidden_states), same kernels
     assert model(tokens.int()).shape == (2, 9, TINY.vocab_size)  # int32 ids work too
 
 

@@ -75,6 +75,8 @@ def test_group_limited_topk_matches_hand_computation():
         gate.bias.normal_(0, 0.2)
     x = torch.randn(256, cfg.dim)
     r = gate(x)
+    # exact comparisons below: x @ W.T is the product the gate computes (F.linear, the same mm kernel on the same
+    # operands), so the hand computation sees the gate's bits and every top-k picks the same experts
     biased = (torch.sigmoid(x @ gate.weight.T) + gate.bias).view(256, 4, 4)  # (N, G, E/G)
     group_score = biased.topk(2, dim=-1).values.sum(-1)  # V3: sum of the top-2 biased affinities
     kept = group_score.topk(2, dim=-1).indices  # (N, 2)
@@ -115,7 +117,7 @@ def test_gate_without_groups_is_plain_topk():
     cfg, gate = _gate(n_expert_groups=1, n_limited_groups=1)
     x = torch.randn(40, cfg.dim)
     r = gate(x)
-    expected = torch.sigmoid(x @ gate.weight.T).topk(2, dim=-1).indices
+    expected = torch.sigmoid(x @ gate.weight.T).topk(2, dim=-1).indices  # the gate's own product (F.linear = mm)
     assert torch.equal(r.indices.sort(-1).values, expected.sort(-1).values)
 
 
@@ -194,7 +196,7 @@ def test_shared_expert_always_added_with_weight_one():
         for e in moe.experts:
             e.w2.weight.zero_()  # routed experts contribute nothing
         x = torch.randn(2, 4, cfg.dim)
-        assert_close(moe(x), moe.shared_experts(x), rtol=0, atol=0)
+        assert_close(moe(x), moe.shared_experts(x), rtol=0, atol=0)  # exact: shared(x) + 0, the same (8, dim) product
     assert moe.shared_experts.w1.weight.shape == (cfg.n_shared_experts * cfg.moe_inter_dim, cfg.dim)
     assert MoE(cfg.replace(n_shared_experts=0)).shared_experts is None
 
@@ -207,7 +209,7 @@ def test_last_routing_recorded():
     r = moe.last_routing
     assert r.indices.shape == (10, cfg.n_activated_experts) and r.scores.shape == (10, cfg.n_routed_experts)
     expected = moe.gate(x.reshape(-1, cfg.dim))
-    assert torch.equal(r.indices, expected.indices)
+    assert torch.equal(r.indices, expected.indices)  # exact: the same gate call on the same (10, dim) input
     assert_close(r.weights, expected.weights, rtol=0, atol=0)
 
 

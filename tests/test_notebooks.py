@@ -1,6 +1,7 @@
 """Notebook discipline, checked on the stored notebooks (nbval re-executes them in `make test`): each opens with its
 learning goals, prerequisites and runtime and ends with a summary and exercises; each was executed top to bottom in
-one fresh kernel, without errors; outputs hold no machine-specific paths; files stay small; the README lists them."""
+one fresh kernel, without errors; outputs hold no machine-specific paths; machine-dependent outputs are excluded from
+the comparison by cell tags and checked by assertions; files stay small; the README lists them."""
 
 import json
 import re
@@ -68,6 +69,27 @@ def test_outputs_hold_no_machine_paths(notebook):
         for output in cell["outputs"]:
             found = MACHINE_PATHS.search(_output_text(output))
             assert found is None, f"code cell {i} prints a machine path: {found.group(0)!r}"
+
+
+# Cells whose output may be excluded from nbval's comparison without an assertion of their own: they print timings, or
+# show a widget, or are an exercise's solution (the checker cell after it asserts).
+UNCHECKED_OUTPUT = re.compile(r"time\.perf_counter|time\.process_time|tokens_per_s|tokens/s|seconds|_cpu\b|^display\("
+                              r"|^# Exercise .*\(solution\)", flags=re.MULTILINE)
+
+
+def test_output_exclusions_are_tags_and_come_with_assertions(notebook):
+    """Machine-dependent outputs (training runs, routing after training, samples, timings) are excluded from nbval's
+    comparison with the cell tag `nbval-ignore-output`, which readers of the book do not see; such a cell checks its
+    claim with an assertion (a tolerance measured across seeds, thread counts and CPUs) unless it only times or
+    displays something. Every other cell's output is compared exactly."""
+    path, nb = notebook
+    for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        source, tags = _text(cell), cell.get("metadata", {}).get("tags", [])
+        assert "NBVAL_" not in source, f"code cell {i}: use the cell tags (nbval-ignore-output), not NBVAL comments"
+        assert not {"nbval-skip", "nbval-check-output"} & set(tags), f"code cell {i}: every cell runs and is checked"
+        if "nbval-ignore-output" in tags:
+            assert re.search(r"^\s*assert ", source, flags=re.MULTILINE) or UNCHECKED_OUTPUT.search(source), \
+                f"code cell {i}: output not compared, so it must assert its claim"
 
 
 def test_files_stay_small(notebook):

@@ -116,6 +116,7 @@ def test_apply_rotary_emb_3d_input_and_dtype():
     cfg = ModelConfig.from_preset("tiny")
     fc = precompute_freqs_cis(cfg)[:7]
     k = torch.randn(2, 7, cfg.qk_rope_head_dim)  # the shared key: (B, T, d_r), no head axis
+    # exact: the same elementwise complex products over the same contiguous layout (a head axis of size 1)
     assert_close(apply_rotary_emb(k, fc), apply_rotary_emb(k[:, :, None], fc)[:, :, 0], rtol=0, atol=0)
     yb = apply_rotary_emb(k.bfloat16(), fc)
     assert yb.dtype == torch.bfloat16

@@ -28,14 +28,6 @@ def _trainer(data, hooks=(), seed=0, model_overrides=None, **overrides) -> Train
     return Trainer(model, TrainConfig(**{**FAST, **overrides}), data, hooks=hooks, progress=False)
 
 
-def _close_histories(a, b, tol=1e-6):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert math.isclose(x[k], y[k], rel_tol=tol, abs_tol=tol), (k, x, y)
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 def test_loss_falls_on_tiny(data):
     trainer = _trainer(data, steps=30, batch_size=8, seq_len=32, warmup_steps=5, eval_every=30, log_every=5)
@@ -167,11 +159,12 @@ def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     second = _trainer(data, seed=99, log_every=2, eval_every=3)  # different init: resume overwrites it
     second.fit(resume_from=tmp_path / "ck")
     assert second.step == straight.step == 6
-    _close_histories(second.history, straight.history)
-    for pa, pb in zip(second.model.parameters(), straight.model.parameters(), strict=True):
-        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0)
-    for (na, ba), bb in zip(second.model.named_buffers(), straight.model.buffers(), strict=True):
-        torch.testing.assert_close(ba, bb, msg=na)
+    # bit for bit, a property on one machine: the resumed run executes the same operations on the same bits (weights
+    # copied into the model's own storage, optimiser moments, random states), so with the same thread count it
+    # cannot differ; on another machine both runs change together
+    assert second.history == straight.history
+    for (name, a), b in zip(second.model.state_dict().items(), straight.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
     assert read_model_config(tmp_path / "ck") == first.model.config
 
 

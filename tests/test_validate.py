@@ -33,6 +33,8 @@ def test_shipped_outputs_match_a_fresh_regeneration(name):
     assert shipped.keys() == fresh.keys()
     for key in fresh:
         assert shipped[key].dtype == fresh[key].dtype, key
+        # floats within 1e-5 (the files were written on another machine); the routing indices exactly: the reference
+        # inputs keep every group and top-k choice at least 4e-4 from a tie (measured), far above float32 rounding
         torch.testing.assert_close(shipped[key], fresh[key], rtol=1e-5, atol=1e-5, msg=key)
     with safe_open(str(validate.REFERENCE_DIR / f"{name}.safetensors"), framework="pt") as f:
         meta = f.metadata()

@@ -249,9 +249,19 @@ class _SafetensorsReader:
     def _read(self, key: str) -> torch.Tensor:
         path = self._path(self.file_of[key])
         try:
-            return self._open(self.file_of[key]).get_tensor(key)
+            return _fresh_storage(self._open(self.file_of[key]).get_tensor(key))
         except Exception as e:
             raise ValueError(f"{path}: cannot read tensor {key!r} ({type(e).__name__}: {e})") from None
+
+
+def _fresh_storage(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` in storage of its own, which PyTorch's CPU allocator aligns to 64 bytes.
+
+    safetensors returns views into the file's buffer at whatever offset the header and the preceding tensors leave
+    (in a shard, often 24 or 32 bytes off 64-byte alignment). The BLAS library picks another kernel for misaligned
+    operands, so a model holding such views computes a forward pass that differs from the saved model's in the last
+    bits. With fresh storage a reloaded model reproduces the saved one's outputs bit for bit on the same machine."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _checkpoint_folder(path: str | os.PathLike) -> str:
