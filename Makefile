@@ -56,10 +56,10 @@ lab: venv
 	$(BIN)/jupyter lab notebooks
 
 # Executes the notebooks in teaching order (NN_ prefix) and stores their outputs, which nbval then checks.
-# DSV3_SOLUTIONS=1: the exercise notebook runs with the solutions plugged in (notebooks/exercises/conftest.py).
+# The repository's notebooks are the instructor edition (solutions plugged in); `make student` builds the other one.
 run: venv
 ifneq ($(NOTEBOOKS),)
-	DSV3_SOLUTIONS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
 		--NotebookClient.record_timing=False $(NOTEBOOKS)
 else
 	@echo "no notebooks/*.ipynb yet: nothing to run"

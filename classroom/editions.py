@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -42,7 +41,7 @@ DEFAULT_OUT = ROOT / "build" / "student"
 SOLUTION_TAG = "solution"
 METADATA_KEY = "dsv3_ref"
 INSTRUCTOR = "instructor"
-# files next to the notebooks that the student edition needs (nbval's sanitizer); conftest.py is instructor-only
+# files next to the notebooks that the student edition needs (nbval's sanitizer)
 SUPPORT_FILES = ("sanitize.cfg",)
 # repository files the notebooks read (as ../<path> from notebooks/): copied to the same place beside the student
 # notebooks and into the hand-out, so that the student edition runs where it is unpacked
@@ -122,17 +121,15 @@ def notebook_paths(notebooks_dir: Path = NOTEBOOKS) -> list[Path]:
 def execute(nb: dict, cwd: Path) -> float:
     """Run every cell of nb in place in a fresh kernel started in `cwd` (the notebook's folder); returns seconds.
 
-    The kernel is this interpreter's (as `--nbval-current-env`), and DSV3_SOLUTIONS is removed from its environment:
-    the student edition never plugs in the solutions."""
+    The kernel is this interpreter's (as `--nbval-current-env`)."""
     import nbformat
     from nbclient import NotebookClient
 
     node = _node(nb)
     start = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if k != "DSV3_SOLUTIONS"}
     client = NotebookClient(node, timeout=CELL_TIMEOUT, kernel_name="python3", record_timing=False,
                             allow_errors=True, resources={"metadata": {"path": str(cwd)}})
-    client.execute(env=env)
+    client.execute()
     nb.clear()
     nb.update(json.loads(nbformat.writes(node)))
     return time.perf_counter() - start
