@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dsv3_ref-installed
 # teaching order: notebooks/NN_*.ipynb, then each sub-folder (notebooks/exercises/...)
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb)) $(sort $(wildcard notebooks/*/*.ipynb))
-LINT_PATHS := $(wildcard dsv3_ref tests benchmarks scripts)
+LINT_PATHS := $(wildcard dsv3_ref tests benchmarks scripts classroom)
 
-.PHONY: help venv test test-portable lab run notebooks lint book clean
+.PHONY: help venv test test-portable lab run notebooks lint book student instructor slides clean
 
 help:
 	@echo "make run    set up $(VENV) and execute every notebook in place (alias: make notebooks)"
@@ -17,6 +17,9 @@ help:
 	@echo "make test-portable  the same under another numeric environment, as on another machine (CI runs both)"
 	@echo "make lint   ruff check (style, imports, complexity)"
 	@echo "make book   build the book offline into book/_build/html (needs npm once, for MathJax)"
+	@echo "make student     the student edition in build/student: notebooks without solutions (executed), book, zip"
+	@echo "make instructor  the instructor edition: the book with solutions (make book) and the slides"
+	@echo "make slides      one reveal.js deck per lesson in build/slides (offline; needs npm once, for reveal.js)"
 	@echo "make clean  remove build outputs and caches (keeps $(VENV))"
 
 venv: $(STAMP)
@@ -53,10 +56,10 @@ lab: venv
 	$(BIN)/jupyter lab notebooks
 
 # Executes the notebooks in teaching order (NN_ prefix) and stores their outputs, which nbval then checks.
-# DSV3_SOLUTIONS=1: the exercise notebook runs with the solutions plugged in (notebooks/exercises/conftest.py).
+# The repository's notebooks are the instructor edition (solutions plugged in); `make student` builds the other one.
 run: venv
 ifneq ($(NOTEBOOKS),)
-	DSV3_SOLUTIONS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
 		--NotebookClient.record_timing=False $(NOTEBOOKS)
 else
 	@echo "no notebooks/*.ipynb yet: nothing to run"
@@ -70,6 +73,17 @@ lint: venv
 # Builds the book offline from the stored notebooks into book/_build/html (MathJax: npm pack mathjax@3, cached).
 book: venv
 	$(BIN)/python -m book.build
+
+# The student edition (classroom/editions.py): every notebook without its solution cells, executed (~6 min), its book,
+# and the hand-out zip. The instructor edition is the repository's notebooks: `make book` and `make slides`.
+student: venv
+	$(BIN)/python -m classroom.editions
+
+instructor: book slides
+
+# One deck per lesson of classroom/lessons.yml (the instructor guide's lesson plans), from the student edition.
+slides: venv
+	$(BIN)/python -m classroom.slides
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache book/_build

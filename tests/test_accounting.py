@@ -1,5 +1,5 @@
-"""Parameter / KV-cache / FLOP accounting: the exact numbers of the facts sheet (§5, §5.5), in closed form and from
-the model built on the meta device, plus the `info` CLI."""
+"""Parameter / KV-cache / FLOP accounting: the exact numbers of docs/facts.md (Parameters, KV cache, FLOPs), in
+closed form and from the model built on the meta device, plus the `info` CLI."""
 
 import json
 
@@ -12,7 +12,8 @@ from dsv3_ref.cli import main
 from dsv3_ref.nn.moe import set_expert_impl
 from dsv3_ref.systems import accounting as acc
 
-# facts sheet §5.1: the 671B model by component (gate bias included as a parameter, as the official code stores it)
+# docs/facts.md, Parameters: the 671B model by component (the gate bias counted as a parameter, as the official code
+# stores it)
 FULL_671B = {
     "embed": 926_679_040,
     "attention": 61 * 187_107_328,  # 11,413,547,008
@@ -201,7 +202,7 @@ def test_kv_cache_bad_input(cfg671):
 
 # ------------------------------------------------------------------------------------------ FP8 storage
 def test_checkpoint_bytes_671b(cfg671):
-    """The hub's FP8 checkpoint, reconstructed (facts sheet §3, §5.4): 688,574,839,360 bytes."""
+    """The hub's FP8 checkpoint, reconstructed (docs/facts.md, Parameters): 688,574,839,360 bytes."""
     hub = acc.checkpoint_bytes(cfg671)
     assert hub["total"] == 688_574_839_360
     assert hub["scale_inv"] == 4 * 41_540_496

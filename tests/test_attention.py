@@ -127,7 +127,7 @@ def test_naive_cache_shapes_and_one_shared_rope_key():
 
 
 def test_671b_cache_bytes_per_token():
-    """576 values per token per layer; 70,272 B/token over 61 layers in bf16 (facts §5.5)."""
+    """576 values per token per layer; 70,272 B/token over 61 layers in bf16 (docs/facts.md, KV cache)."""
     cfg = ModelConfig.from_preset("671B")
     cache = KVCache(cfg, 1, max_len=1, attn_impl="absorb", dtype=torch.bfloat16, device="meta")
     assert cache.nbytes(1) == 61 * 576 * 2 == 70_272

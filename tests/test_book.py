@@ -4,7 +4,9 @@ Fast checks: the notation crosswalk against `HF_FIELDS`, `to_hf()`, the 671B pre
 model's state dict; every `tests/...::test_...` and every `dsv3_ref.x.y` the pages cite exists.
 Build checks (one build of the real book, ~10-60 s; MathJax comes from the npm registry once, then book/.cache):
 one HTML page per notebook and per markdown page, notebooks in teaching order, no remote script, stylesheet or
-embedded resource, and every page with math loads the local MathJax.
+embedded resource, every page with math loads the local MathJax, no page shows an NBVAL comment; and in a headless
+Chromium (`classroom.browser`, skipped without it) the reference pages and three notebooks render without raw TeX,
+lost images, lines cut off or content sticking out of the column.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from classroom import browser
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -252,3 +256,31 @@ def test_math_pages_load_the_local_mathjax(html):
     fonts = html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2"
     assert (fonts / "MathJax_Main-Regular.woff").is_file() and len(list(fonts.glob("*.woff"))) > 20
     assert (html / "_static" / "mathjax" / "input" / "tex" / "extensions" / "boldsymbol.js").is_file()
+
+
+def test_no_visible_nbval_markers(html):
+    """nbval's markers live in cell tags (nbval-ignore-output, ...), never as comments a reader sees."""
+    shown = [p.relative_to(html).as_posix() for p in sorted(html.rglob("*.html")) if "NBVAL_" in p.read_text("utf-8")]
+    assert not shown, f"pages that show an NBVAL comment: {shown}"
+
+
+# ------------------------------------------------------------------ the built book in a browser
+BROWSER_PAGES = ["intro.html", "notation.html", "equations.html", "glossary.html", "mistakes.html",
+                 "notebooks/20_mla.html", "notebooks/50_fp8_formats_and_scaling.html", "notebooks/90_scale.html"]
+
+
+@pytest.mark.skipif(browser.find_chromium() is None,
+                    reason="no Chromium: install the Debian package `chromium` for the browser checks")
+def test_pages_render_in_a_browser(html, tmp_path):
+    """A headless Chromium loads each page (1280 x 1000) and finds no raw TeX, no image that did not load, no line
+    cut off at the right, nothing sticking out of the column, and no sideways-scrolling box without a visible cue;
+    the first screen of three pages is not blank."""
+    problems = {}
+    for page in BROWSER_PAGES:
+        [report] = browser.probe(html / page, scope="article.bd-article")
+        if browser.problems(report):
+            problems[page] = browser.problems(report)
+    assert not problems, "\n".join(f"{page}: {p}" for page, ps in problems.items() for p in ps[:10])
+    for page in BROWSER_PAGES[1:3] + BROWSER_PAGES[-1:]:
+        png = browser.screenshot((html / page).as_uri(), tmp_path / (page.replace("/", "_") + ".png"))
+        assert browser.blank_fraction(png) < 0.97, f"{page}: the first screen is blank"

@@ -9,7 +9,7 @@ import pytest
 
 from dsv3_ref.config import HF_FIELDS, PRESETS, ModelConfig
 
-# DeepSeek-V3's hub config.json (deepseek-ai/DeepSeek-V3), the fields that matter (facts sheet §1.3, §6.2.3).
+# DeepSeek-V3's hub config.json (deepseek-ai/DeepSeek-V3), the fields that matter (docs/facts.md, Configuration).
 V3_HUB = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
     "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,

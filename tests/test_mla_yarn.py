@@ -1,12 +1,12 @@
 """YaRN against transformers' DeepSeek-V3 settings, and MLA's two paths through the prefill/decode phases with YaRN on.
 
-Complements tests/test_rope.py (YaRN against the formulas and the facts sheet's 671B numbers), tests/test_attention.py
-(naive == absorb and cached == uncached at the MLA level, positions inside the original context) and
-tests/test_generate.py (prefill + decode == full forward, plain RoPE). Here:
+Complements tests/test_rope.py (YaRN against the formulas and the 671B numbers of docs/facts.md),
+tests/test_attention.py (naive == absorb and cached == uncached at the MLA level, positions inside the original
+context) and tests/test_generate.py (prefill + decode == full forward, plain RoPE). Here:
 
 * `rope_frequencies(cfg)` and `cfg.softmax_scale` against transformers' `ROPE_INIT_FUNCTIONS["yarn"]` inv_freq and
   `DeepseekV3Attention.scaling`, for the 671B hub settings and a few others, with YaRN active and inactive;
-* the one place where the two disagree on purpose (facts §6.2 item 1): HF applies YaRN whenever the rope type is
+* the one place where the two disagree on purpose: HF applies YaRN whenever the rope type is
   "yarn", the official code (and dsv3_ref) only when max_seq_len > original_seq_len;
 * whole-model prefill then decode steps (`dsv3_ref.inference.generate.prefill` / `decode_step`) with YaRN active and the
   671B rope geometry (d_r = 64, s = 40), crossing the original context length: naive == absorb at every step, and
@@ -32,7 +32,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
     DeepseekV3RotaryEmbedding,
 )
 
-# The rope_scaling block of deepseek-ai/DeepSeek-V3's config.json (facts §6.2 item 3)
+# The rope_scaling block of deepseek-ai/DeepSeek-V3's config.json (docs/facts.md, Configuration)
 HUB_ROPE_SCALING = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
 
@@ -91,7 +91,7 @@ def test_yarn_frequencies_and_scale_match_transformers(name):
     assert math.isclose(cfg.softmax_scale, cfg.qk_head_dim**-0.5 * m * m, rel_tol=1e-12)
 
 
-def test_hub_settings_give_the_facts_sheet_numbers():
+def test_hub_settings_give_the_numbers_of_docs_facts():
     cfg = YARN_CONFIGS["671B hub"]()
     assert (cfg.max_seq_len, cfg.original_seq_len, cfg.rope_factor, cfg.mscale) == (163840, 4096, 40.0, 1.0)
     assert math.isclose(_hf_scaling(_hf_config(cfg.to_hf())), 0.1352337789, abs_tol=1e-10)

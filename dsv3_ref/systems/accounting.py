@@ -1,6 +1,6 @@
 """Parameter, KV-cache and FLOP accounting for a `ModelConfig`, in closed form and from the instantiated model.
 
-Conventions (facts sheet §5; report §4.2):
+Conventions (report §4.2; the numbers they give: docs/facts.md, Parameters):
 
 * Every count includes the gate's correction bias (`e_score_correction_bias`, 1 per routed expert, present only
   with sigmoid scoring): the official code stores it as a parameter; we, like transformers, keep it as a buffer.
@@ -362,9 +362,10 @@ def fp8_linear_shapes(cfg: ModelConfig, moe: bool) -> list[tuple[int, int]]:
 def checkpoint_bytes(cfg: ModelConfig, fp8: bool = True, mtp: bool = True) -> dict[str, int]:
     """Bytes of the weights stored the hub's way, by storage dtype, and their "total".
 
-    fp8=True (the released checkpoints, facts sheet §3): "e4m3" the FP8 linears (`fp8_linear_shapes`, 1 byte),
-    "scale_inv" their fp32 weight_scale_inv (4 bytes per 128 x 128 block, ragged edges included), "bf16" everything
-    else (embedding, head, norms, gate weights, MTP eh_proj), "fp32" the gate biases. fp8=False: the same tensors
+    fp8=True (the released checkpoints; docs/facts.md, Parameters, the hub checkpoint rows): "e4m3" the FP8 linears
+    (`fp8_linear_shapes`, 1 byte), "scale_inv" their fp32 weight_scale_inv (4 bytes per 128 x 128 block, ragged
+    edges included), "bf16" everything else (embedding, head, norms, gate weights, MTP eh_proj), "fp32" the gate
+    biases. fp8=False: the same tensors
     with the FP8 linears in BF16 and no scales (what the official `fp8_cast_bf16.py` writes). mtp=True includes the
     MTP modules as the hub stores them, with their copies of the embedding and the head. At 671B with fp8 and mtp:
     688,574,839,360 bytes, the hub's total.

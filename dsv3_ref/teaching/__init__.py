@@ -1,2 +1,2 @@
-"""Teaching and checking: exercise checkers (`exercises`) and validation against shipped reference outputs
-(`validate`)."""
+"""Teaching and checking: exercise checkers (`exercises`), the notebook-end answer checks (`answers`), the notebooks'
+drawing helpers (`plots`) and validation against shipped reference outputs (`validate`)."""

@@ -26,8 +26,8 @@ and where it is.
 | dsa_kl        | indexer_kl(scores, attn, selected) -> loss           | objectives.indexer.indexer_kl_loss         |
 
 `load_solutions(path)` runs the cells of a solutions notebook that start with `# SOLUTION` and returns the
-functions they define: the student notebook plugs them in when the environment variable `DSV3_SOLUTIONS=1` is set
-(as the notebook tests do), so it runs green in CI while its stubs stay empty.
+functions they define: in the instructor edition, cells tagged `solution` plug them into the student notebook, so it
+runs green in CI while its stubs stay empty (the student edition, `make student`, leaves those cells out).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ from ..nn.rope import apply_rotary_emb, precompute_freqs_cis, rope_frequencies
 from ..objectives import balance
 from ..objectives import indexer as indexer_objective
 
-SOLUTIONS_ENV = "DSV3_SOLUTIONS"
 SOLUTION_MARKER = "# SOLUTION"
 
 
@@ -1380,12 +1379,6 @@ def check(name: str, fn: Callable) -> CheckResult:
     if name not in EXERCISES:
         raise ValueError(f"unknown exercise {name!r}; allowed: {list(EXERCISES)}")
     return EXERCISES[name].check(fn)
-
-
-def solutions_enabled() -> bool:
-    """True when the environment asks for the solutions to be plugged in (DSV3_SOLUTIONS=1, set by the notebook
-    tests)."""
-    return os.environ.get(SOLUTIONS_ENV, "") == "1"
 
 
 def load_solutions(path: str | os.PathLike) -> dict[str, Callable]:
