@@ -146,7 +146,9 @@ def test_student_exercise_notebook_says_not_implemented(student_exercises):
     text = "\n".join("".join(o.get("text", "")) or "".join(o.get("data", {}).get("text/plain", ""))
                      for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"])
     assert not editions.passing_checks(nb), "a stub passed its checker"
-    for name in ex.EXERCISES:
+    for name, exercise in ex.EXERCISES.items():
+        if exercise.notebook == "70_sparse_attention":  # solved in its own notebook, not in the exercise notebook
+            continue
         assert re.search(rf"{name}\b.*not implemented", text), f"{name}: no 'not implemented' report"
     result = subprocess.run([sys.executable, "-m", "pytest", "--nbval", str(path), "--nbval-current-env",
                              "--nbval-sanitize-with", str(NOTEBOOKS / "sanitize.cfg"), "-p", "no:cacheprovider",
