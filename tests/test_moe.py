@@ -234,14 +234,22 @@ def test_grouped_experts_equal_the_loop(overrides):
     y_loop, grads_loop = _grads(moe, x, grad_out)
     # The same products per expert in float32: the grouped GEMM calls the same matmul on each expert's rows, but the
     # fused gate/up GEMM is twice as wide and the weight gradients come out of a GEMM in the other orientation, so the
-    # BLAS may block the sums differently: agreement to float32 rounding, not bit for bit.
-    assert_close(y, y_loop, rtol=1e-5, atol=1e-6)
+    # BLAS may block the sums differently: agreement to float32 rounding, not bit for bit. Rounding is relative to the
+    # size of the summands, not of the result (x's gradient sums several experts' terms and can cancel to near zero),
+    # so the absolute tolerance scales with the tensor's largest entry. Measured over 30 seeds x these 3 configs under
+    # the default, ATEN_CPU_CAPABILITY=default, MKL_CBWR=COMPATIBLE and one-thread settings: at most 3.0 eps * max|ref|;
+    # the bound is 16 eps.
+    def close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+        atol = 16 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+        assert_close(actual, expected, rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
+
+    close(y, y_loop, "y")
     assert grads.keys() == grads_loop.keys()
     for name, g in grads.items():
         if grads_loop[name] is None:  # an idle expert: no gradient in either (so AdamW leaves it alone in both)
             assert g is None, name
         else:
-            assert_close(g, grads_loop[name], rtol=1e-5, atol=1e-6, msg=name)
+            close(g, grads_loop[name], name)
 
 
 def test_grouped_experts_leave_idle_experts_without_gradient():
