@@ -27,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -209,13 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-root", type=Path, default=BOOK,
                         help="the book goes to BUILD_ROOT/_build/html (default: book/)")
     args = parser.parse_args(argv)
+    return timed("book", lambda: build(args.build_root.resolve(), args.notebooks.resolve()) / "index.html", BuildError)
+
+
+def timed(what: str, build_it: Callable[[], object], error: type[Exception]) -> int:
+    """The tail of the build scripts' main(): run build_it(), print "WHAT built in N s: <its result>" and return 0,
+    or print `error`'s message and return 1 (the exit status)."""
     start = time.perf_counter()
     try:
-        html_dir = build(args.build_root.resolve(), args.notebooks.resolve())
-    except BuildError as exc:
+        result = build_it()
+    except error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"book built in {time.perf_counter() - start:.1f} s: {html_dir / 'index.html'}")
+    print(f"{what} built in {time.perf_counter() - start:.1f} s: {result}")
     return 0
 
 

@@ -35,6 +35,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from book.build import timed
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_OUT = ROOT / "build" / "student"
@@ -238,15 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-book", action="store_true", help="do not build the student book")
     parser.add_argument("--no-zip", action="store_true", help="do not write the hand-out zip")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
+
+    def build_it() -> Path:
         build(args.out.resolve(), args.notebooks.resolve(), run=not args.no_execute, book=not args.no_book,
               hand_out=not args.no_zip)
-    except EditionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"student edition built in {time.perf_counter() - start:.0f} s: {args.out}")
-    return 0
+        return args.out
+
+    return timed("student edition", build_it, EditionError)
 
 
 if __name__ == "__main__":

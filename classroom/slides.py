@@ -24,11 +24,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
+from book.build import timed
 from classroom.editions import NOTEBOOKS, ROOT, student_notebook
 
 LESSONS = Path(__file__).resolve().parent / "lessons.yml"
@@ -232,14 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: build/slides)")
     parser.add_argument("--notebooks", type=Path, default=NOTEBOOKS, help="notebook folder (default: notebooks/)")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
+
+    def build_it() -> Path:
         build(args.out.resolve(), args.notebooks.resolve())
-    except SlidesError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"slides built in {time.perf_counter() - start:.1f} s: {args.out / 'index.html'}")
-    return 0
+        return args.out / "index.html"
+
+    return timed("slides", build_it, SlidesError)
 
 
 if __name__ == "__main__":
