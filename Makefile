@@ -31,7 +31,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -c constraints.txt -e '.[dev,hf,notebooks,book]'
 	touch $@
 
+# The notebooks run one at a time: each pins its thread count (1, or 2 for 60 and 70), and two notebooks at once on two
+# cores oversubscribe them (OpenMP threads spin-wait). Measured on 2 cores with pytest-xdist: 60's and 70's training
+# cells, side by side under the perturbed environment, were still running after 15 minutes; one at a time (normal
+# environment) they take 90 s and 18 s.
 NBVAL := -m pytest --nbval notebooks --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+# pytest-xdist workers for the perturbed unit tests (one thread each there; `make test-portable JOBS=1` on one core)
+JOBS ?= 2
 
 test: venv
 	$(BIN)/python -m pytest tests
@@ -45,9 +51,11 @@ endif
 # changed the way another CPU changes them (scripts/perturbed_env.py: one ATen CPU capability below this machine's,
 # MKL_CBWR=COMPATIBLE, another thread count). A stored output or an exact comparison that holds only on the machine
 # that made it fails here. Reproducible on its own: `env $$(.venv/bin/python scripts/perturbed_env.py) <command>`.
+# The unit tests run JOBS at a time here: with one thread each (the perturbed thread count on a multi-core machine)
+# they would leave the other cores idle.
 test-portable: venv
 	@echo "different-machine pass: $$($(BIN)/python scripts/perturbed_env.py)"
-	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python -m pytest tests -p no:cacheprovider
+	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python -m pytest tests -p no:cacheprovider -n $(JOBS)
 ifneq ($(NOTEBOOKS),)
 	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python $(NBVAL)
 endif

@@ -225,14 +225,19 @@ def probe(page: Path, scope: str = "body", slides: int = 0, budget_ms: int = BUD
         f.write(probed)
         copy = Path(f.name)
     try:
-        result = _run([f"--virtual-time-budget={budget_ms}", "--dump-dom", copy.as_uri()], timeout, window)
+        # Headless Chromium now and then dumps the DOM before the page's scripts have run (seen once in a
+        # CI run: exit code 0, no report, only D-Bus noise on stderr), so a missing report is retried, with twice
+        # the virtual time budget each time; a page whose script never reports still fails after the third try.
+        for attempt in range(3):
+            result = _run([f"--virtual-time-budget={budget_ms << attempt}", "--dump-dom", copy.as_uri()], timeout,
+                          window)
+            found = re.search(rf'<pre id="{RESULT_ID}">(.*?)</pre>', result.stdout, flags=re.S)
+            if found:
+                return json.loads(html_lib.unescape(found.group(1)))
     finally:
         copy.unlink(missing_ok=True)
-    found = re.search(rf'<pre id="{RESULT_ID}">(.*?)</pre>', result.stdout, flags=re.S)
-    if not found:
-        raise BrowserError(f"the probe script did not report on {page} (exit code {result.returncode}); Chromium "
-                           f"said:\n{result.stderr[-2000:]}")
-    return json.loads(html_lib.unescape(found.group(1)))
+    raise BrowserError(f"the probe script did not report on {page} in 3 tries (exit code {result.returncode}); "
+                       f"Chromium said:\n{result.stderr[-2000:]}")
 
 
 def problems(report: dict) -> list[str]:
