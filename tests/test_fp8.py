@@ -267,14 +267,15 @@ def _linear_case(seed=0, tokens=150, d_in=200, d_out=136):
     return x, w, dy
 
 
-def _fp8_grads(x, w, dy, **kw):
-    layer = FP8Linear(w.shape[1], w.shape[0], **kw)
+def _fp8_grads(x, w, dy, device="cpu", **kw):
+    """y, dx and dw of an FP8Linear holding w (built with **kw), on `device`; returned on the CPU."""
+    layer = FP8Linear(w.shape[1], w.shape[0], **kw).to(device)
     with torch.no_grad():
         layer.weight.copy_(w)
-    xr = x.clone().requires_grad_()
+    xr = x.to(device, copy=True).requires_grad_()
     y = layer(xr)
-    y.backward(dy)
-    return y.detach(), xr.grad, layer.weight.grad
+    y.backward(dy.to(device))
+    return y.detach().cpu(), xr.grad.cpu(), layer.weight.grad.cpu()
 
 
 def _deq(t, block, **kw):
@@ -456,17 +457,12 @@ def test_convert_to_fp8_swaps_exactly_the_reports_layers(overrides):
                     reason="needs a CUDA device with FP8 tensor cores (compute capability >= 8.9)")
 def test_real_fp8_gemm_on_cuda():
     x, w, dy = _linear_case()
-    y_cpu, dx_cpu, dw_cpu = _fp8_grads(x, w, dy, gemm="dequant")
-    layer = FP8Linear(w.shape[1], w.shape[0], gemm="auto").cuda()
-    with torch.no_grad():
-        layer.weight.copy_(w)
-    xr = x.cuda().requires_grad_()
-    y = layer(xr)
-    y.backward(dy.cuda())
+    emulated = _fp8_grads(x, w, dy, gemm="dequant")
+    real = _fp8_grads(x, w, dy, device="cuda", gemm="auto")
     # The tensor core keeps about 14 bits inside each 128-wide K group (see the tests below), so the real GEMMs differ
     # from the FP32-accumulation emulation by up to ~1e-3 of the output's scale (measured on an H200: 0.13% at most).
-    for got, ref in ((y, y_cpu), (xr.grad, dx_cpu), (layer.weight.grad, dw_cpu)):
-        torch.testing.assert_close(got.detach().cpu(), ref, rtol=0, atol=3e-3 * ref.abs().max().item())
+    for got, ref in zip(real, emulated, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=3e-3 * ref.abs().max().item())
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fp8_capable(torch.device("cuda"))),
@@ -574,12 +570,7 @@ def test_blockwise_gemm_on_hopper_matches_the_reference_and_the_model(b_block):
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (F.scaled_mm blockwise recipes, cuBLAS >= 12.9)")
 def test_fp8_linear_blockwise_on_hopper_matches_the_emulation():
     x, w, dy = _linear_case()
-    y_cpu, dx_cpu, dw_cpu = _fp8_grads(x, w, dy, gemm="dequant")
-    layer = FP8Linear(w.shape[1], w.shape[0], gemm="blockwise").cuda()
-    with torch.no_grad():
-        layer.weight.copy_(w)
-    xr = x.cuda().requires_grad_()
-    layer(xr).backward(dy.cuda())
-    y = layer(x.cuda())
-    for got, ref in ((y, y_cpu), (xr.grad, dx_cpu), (layer.weight.grad, dw_cpu)):
-        torch.testing.assert_close(got.detach().cpu(), ref, rtol=0, atol=3e-3 * ref.abs().max().item())
+    emulated = _fp8_grads(x, w, dy, gemm="dequant")
+    real = _fp8_grads(x, w, dy, device="cuda", gemm="blockwise")
+    for got, ref in zip(real, emulated, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=3e-3 * ref.abs().max().item())
