@@ -3,6 +3,7 @@ mismatches, damage) and the `train` command."""
 
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -38,6 +39,36 @@ def test_loss_falls_on_tiny(data):
     assert history[-1]["val_loss"] < math.log(259) - 1.0
     assert history[-1]["tokens"] == 30 * 8 * 32
     assert trainer.tokens_per_s > 0
+
+
+def test_progress_bar_refreshes_at_most_once_per_interval(data, monkeypatch):
+    """Each refresh of the Jupyter progress widget is three messages to the front end; one per step overflowed the
+    kernel's message queue in nbval (notebook 40: 1,392 widget messages in one cell, and the final "idle" message
+    lost). Steps here take ~50 ms: refreshing on every step (or on every set_postfix) would be 30+ refreshes."""
+    from tqdm import tqdm as std_tqdm
+
+    import dsv3_ref.train.trainer as trainer_module
+
+    class CountingBar(std_tqdm):
+        refreshes = 0
+
+        def display(self, *args, **kwargs):
+            CountingBar.refreshes += 1
+            return super().display(*args, **kwargs)
+
+    class Slow(TrainHook):
+        def after_step(self, trainer, step):
+            time.sleep(0.05)
+
+    monkeypatch.setattr(trainer_module, "tqdm", CountingBar)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    model.reset_parameters(0)
+    trainer = Trainer(model, TrainConfig(**{**FAST, "steps": 30, "eval_every": 0}), data, hooks=[Slow()])
+    start = time.perf_counter()
+    trainer.fit()
+    elapsed = time.perf_counter() - start
+    # the first draw, one per interval, the last update and the close
+    assert 0 < CountingBar.refreshes <= elapsed / trainer_module.PROGRESS_INTERVAL + 3, (CountingBar.refreshes, elapsed)
 
 
 def test_lr_schedule():

@@ -46,6 +46,7 @@ from .distributed import MicroStep, Parallel, check_layout
 TRAIN_STATE_NAME = "train_state.safetensors"
 TRAIN_CONFIG_NAME = "train_config.json"
 _STATE_FORMAT = "dsv3_ref.train_state.v1"
+PROGRESS_INTERVAL = 1.0  # seconds between two refreshes of the progress bar (see fit)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -234,7 +235,12 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_start(self)
         self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        # At most one refresh per PROGRESS_INTERVAL seconds: in Jupyter each refresh of the widget bar is three
+        # messages to the front end, and a cell that sends thousands of them while its client is not reading (nbval
+        # waits for the cell's reply first) overflows the message queue, which then drops the kernel's final
+        # "idle" message: seen in CI as "Timeout of 5 seconds exceeded waiting for output".
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step",
+                   mininterval=PROGRESS_INTERVAL)
         start, first = time.perf_counter(), self.step
         while self.step < stop:
             for name, value in self.train_step().items():
@@ -244,7 +250,7 @@ class Trainer:
             evaluate = self.step == cfg.steps or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0)
             if evaluate or self.step % cfg.log_every == 0:
                 entry = self._log(evaluate)
-                bar.set_postfix(loss=f"{entry['train_loss']:.3f}", tok_s=f"{self.tokens_per_s:.0f}")
+                bar.set_postfix(loss=f"{entry['train_loss']:.3f}", tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
             if out is not None and cfg.save_every and self.step % cfg.save_every == 0:
                 self.save(out)
             bar.update(1)
