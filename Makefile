@@ -31,18 +31,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -c constraints.txt -e '.[dev,hf,notebooks,book]'
 	touch $@
 
-# The notebooks run one at a time: each pins its thread count (1, or 2 for 60 and 70), and two notebooks at once on two
-# cores oversubscribe them (OpenMP threads spin-wait). Measured on 2 cores with pytest-xdist: 60's and 70's training
-# cells, side by side under the perturbed environment, were still running after 15 minutes; one at a time (normal
-# environment) they take 90 s and 18 s.
-NBVAL := -m pytest --nbval notebooks --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
-# pytest-xdist workers for the perturbed unit tests (one thread each there; `make test-portable JOBS=1` on one core)
+# nbval checks the notebooks pinned to one thread JOBS at a time (pytest-xdist, one notebook per worker, slowest
+# first), then the others one at a time: a notebook pinning two threads beside another oversubscribes the cores (its
+# OpenMP threads spin-wait). scripts/nbval_schedule.py makes the two lists from each notebook's set_num_threads.
+NBVAL := -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+NB_PARALLEL = $(shell $(PY) scripts/nbval_schedule.py parallel)
+NB_SERIAL = $(shell $(PY) scripts/nbval_schedule.py serial)
+NBVAL_PARALLEL = $(NBVAL) -n $(JOBS) --dist loadfile --no-loadscope-reorder $(NB_PARALLEL)
+# pytest-xdist workers (`make test JOBS=1` on one core): the one-thread notebooks, the perturbed unit tests
 JOBS ?= 2
 
 test: venv
 	$(BIN)/python -m pytest tests
 ifneq ($(NOTEBOOKS),)
-	$(BIN)/python $(NBVAL)
+	$(BIN)/python $(NBVAL_PARALLEL)
+	$(BIN)/python $(NBVAL) $(NB_SERIAL)
 else
 	@echo "no notebooks/*.ipynb yet: skipping the nbval step"
 endif
@@ -52,12 +55,15 @@ endif
 # MKL_CBWR=COMPATIBLE, another thread count). A stored output or an exact comparison that holds only on the machine
 # that made it fails here. Reproducible on its own: `env $$(.venv/bin/python scripts/perturbed_env.py) <command>`.
 # The unit tests run JOBS at a time here: with one thread each (the perturbed thread count on a multi-core machine)
-# they would leave the other cores idle.
+# they would leave the other cores idle. Tests marked no_numerics (the book's and the slides' builds, the browser checks:
+# no floating-point result) run in `make test` only.
 test-portable: venv
 	@echo "different-machine pass: $$($(BIN)/python scripts/perturbed_env.py)"
-	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python -m pytest tests -p no:cacheprovider -n $(JOBS)
+	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python -m pytest tests -p no:cacheprovider -n $(JOBS) \
+		-m "not no_numerics"
 ifneq ($(NOTEBOOKS),)
-	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python $(NBVAL)
+	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python $(NBVAL_PARALLEL)
+	env $$($(BIN)/python scripts/perturbed_env.py) $(BIN)/python $(NBVAL) $(NB_SERIAL)
 endif
 
 lab: venv

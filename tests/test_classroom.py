@@ -107,6 +107,7 @@ def test_student_edition_holds_no_solution(student_dir):
         assert not leaked, f"{path.name}: solution lines in the student edition: {leaked[:5]}"
 
 
+@pytest.mark.no_numerics
 def test_student_book_has_no_solutions(student_dir, tmp_path):
     """The book builds from the student edition: a page per student notebook, no solutions page, no solution line."""
     from book import build as book_build
@@ -361,6 +362,7 @@ def decks(tmp_path_factory) -> list[Path]:
         pytest.fail(f"the slides do not build: {exc}")
 
 
+@pytest.mark.no_numerics
 def test_slides_are_offline(decks):
     remote = re.compile(r"""<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=\s*["']?(https?:)?//""", flags=re.I)
     for deck in decks:
@@ -371,6 +373,7 @@ def test_slides_are_offline(decks):
     assert (decks[0].parent / "mathjax" / "tex-mml-chtml.js").is_file()
 
 
+@pytest.mark.no_numerics
 @needs_chromium
 def test_the_browser_probe_catches_what_it_should(tmp_path):
     """A page with every defect the probe looks for, and a clean one: the checks can fail."""
@@ -398,6 +401,7 @@ def test_the_browser_probe_catches_what_it_should(tmp_path):
     assert browser.blank_fraction(browser.screenshot(empty.as_uri(), tmp_path / "blank.png")) == 1.0
 
 
+@pytest.mark.no_numerics
 @needs_chromium
 def test_first_slides_of_every_deck_render(decks, tmp_path):
     """The first three slides of each deck, in a headless Chromium: not blank, no raw TeX, nothing cut off or lost."""
