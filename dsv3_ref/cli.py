@@ -3,40 +3,51 @@
 The only module that knows argparse. Each subcommand has an `_add_<name>(subparsers)` that registers its parser and
 a `_run_<name>(args)` that calls the package and returns the exit code; bad input (a ValueError) exits with 2 and
 one line on stderr instead of a traceback.
+
+Each subcommand imports what it needs itself, in its two functions, and `main` registers in full only the parser of
+the subcommand being run: `info` then loads the config and the accounting (and the model, for the meta check), not
+the trainer, the data, the checkpoint code or the validator (`_add_train` and `_add_validate` need them for their
+flags' choices and defaults). `--help` without a subcommand registers them all.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import random
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ATTN_IMPLS, PRESETS, ModelConfig
-from .data import bits_per_byte
-from .fp8.gemm import GEMMS
-from .inference.generate import generate_text
-from .io.checkpoint import from_pretrained
-from .nn.model import Transformer
 from .systems.accounting import check_counts, report, resolve_config
-from .teaching import validate
-from .train import PRECISIONS, TRAIN_PRESETS, LossFreeBalancing, TrainConfig, Trainer
-from .train.distributed import Parallel, torchrun_world
-from .train.trainer import read_model_config, read_train_config
 
-# `train` flags: every TrainConfig field with a scalar default (betas, a pair, is not one), with its type
-TRAIN_FLAGS = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig) if type(f.default) in (int, float, str)}
-_TRAIN_FLAG_HELP = {"data": dict(help="'corpus' (default) or the path of a UTF-8 text file"),
-                    "precision": dict(choices=PRECISIONS), "fp8_gemm": dict(choices=GEMMS)}
+if TYPE_CHECKING:
+    from .train import TrainConfig
+    from .train.distributed import Parallel
+
+# the subcommands' one-line help, for the full parsers and for the names-only ones alike (see `build_parser`)
+HELP = {"info": "parameter, KV-cache and FLOP accounting of a model",
+        "train": "train a small model on the synthetic corpus or a text file",
+        "generate": "continue a text prompt with a saved checkpoint",
+        "validate": "compare a checkpoint or an implementation's outputs with shipped reference outputs"}
+
+
+@functools.cache
+def train_flags() -> dict[str, type]:
+    """`train` flags: every TrainConfig field with a scalar default (betas, a pair, is not one), with its type."""
+    from .train import TrainConfig
+
+    return {f.name: type(f.default) for f in dataclasses.fields(TrainConfig) if type(f.default) in (int, float, str)}
 
 
 # ---------------------------------------------------------------------------------------------- info
 def _add_info(subparsers: argparse._SubParsersAction) -> None:
     """`info MODEL [--ctx N] [--no-check-meta]`: `dsv3_ref.systems.accounting.report`."""
-    p = subparsers.add_parser("info", help="parameter, KV-cache and FLOP accounting of a model",
+    p = subparsers.add_parser("info", help=HELP["info"],
                               description="Print the parameter, activated-parameter, KV-cache and FLOP accounting.")
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a path to a HF config.json or its folder")
     p.add_argument("--ctx", type=int, default=None,
@@ -55,17 +66,21 @@ def _run_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- train
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    """`train --preset small --steps N --out DIR [...]`: a `Trainer` run, one flag per field in `TRAIN_FLAGS`."""
-    p = subparsers.add_parser("train", help="train a small model on the synthetic corpus or a text file",
+    """`train --preset small --steps N --out DIR [...]`: a `Trainer` run, one flag per field in `train_flags()`."""
+    from .fp8.gemm import GEMMS
+    from .train import PRECISIONS, TRAIN_PRESETS
+
+    flag_help = {"data": dict(help="'corpus' (default) or the path of a UTF-8 text file"),
+                 "precision": dict(choices=PRECISIONS), "fp8_gemm": dict(choices=GEMMS)}
+    p = subparsers.add_parser("train", help=HELP["train"],
                               description="Train a preset on byte tokens; save a resumable checkpoint in --out.")
     p.add_argument("--preset", choices=list(TRAIN_PRESETS), default=None,
                    help="model preset (default small; with --resume: the checkpoint's)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--resume", default=None, help="checkpoint folder to continue from (its train_config.json gives "
                                                   "the defaults)")
-    for name, kind in TRAIN_FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                       **_TRAIN_FLAG_HELP.get(name, {}))
+    for name, kind in train_flags().items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, **flag_help.get(name, {}))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; with --precision fp8 a GPU with FP8 "
                    "tensor cores runs real FP8 GEMMs")
@@ -94,7 +109,10 @@ def _device(name: str) -> torch.device:
 
 def _train_configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
     """The run's configs: a preset's defaults, or the checkpoint's when resuming, with the flags given on top."""
-    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    from .train import TrainConfig
+    from .train.trainer import read_model_config, read_train_config
+
+    overrides = {k: getattr(args, k) for k in train_flags() if getattr(args, k) is not None}
     if args.resume is not None:
         # with --preset, resume checks that it matches the checkpoint
         model_cfg = read_model_config(args.resume) if args.preset is None else ModelConfig.from_preset(args.preset)
@@ -105,6 +123,8 @@ def _train_configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
 
 def _parallel(args: argparse.Namespace, device: torch.device) -> tuple[Parallel | None, torch.device]:
     """In a torchrun job of 2+ processes: join it (gloo on CPU, NCCL with one GPU per process: cuda:LOCAL_RANK)."""
+    from .train.distributed import Parallel, torchrun_world
+
     _, world, local_rank = torchrun_world()
     if world == 1:
         if args.expert_parallel:
@@ -118,6 +138,10 @@ def _parallel(args: argparse.Namespace, device: torch.device) -> tuple[Parallel 
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .data import bits_per_byte
+    from .nn.model import Transformer
+    from .train import LossFreeBalancing, Trainer
+
     if args.threads is not None:
         if not 1 <= args.threads <= 1024:
             raise ValueError(f"--threads must be an integer in [1, 1024], got {args.threads}")
@@ -147,7 +171,7 @@ def _run_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- generate
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     """`generate DIR --prompt TEXT [...]`: continue a byte-level prompt with a saved model (`generate_text`)."""
-    p = subparsers.add_parser("generate", help="continue a text prompt with a saved checkpoint",
+    p = subparsers.add_parser("generate", help=HELP["generate"],
                               description="Load from_pretrained(DIR) and continue --prompt (byte tokens).")
     p.add_argument("checkpoint", metavar="DIR", help="checkpoint folder (config.json + *.safetensors)")
     p.add_argument("--prompt", required=True, help="text to continue")
@@ -162,6 +186,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from .inference.generate import generate_text
+    from .io.checkpoint import from_pretrained
+
     model = from_pretrained(args.checkpoint).eval()
     text = generate_text(model, args.prompt, max_new_tokens=args.max_new_tokens, bos=not args.no_bos,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, attn_impl=args.attn_impl)
@@ -172,8 +199,10 @@ def _run_generate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- validate
 def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     """`validate ...`: the three modes of `dsv3_ref.teaching.validate`, and --list."""
+    from .teaching import validate
+
     p = subparsers.add_parser(
-        "validate", help="compare a checkpoint or an implementation's outputs with shipped reference outputs",
+        "validate", help=HELP["validate"],
         description="Exactly one of: CHECKPOINT_DIR (run dsv3_ref on a hub-format checkpoint and compare it with "
                     "the reference of the same config), --outputs FILE --reference NAME (compare your "
                     "implementation's outputs), --export-reference NAME DIR (write a reference model and its tokens "
@@ -194,6 +223,8 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
+    from .teaching import validate
+
     modes = [m for m, on in [("CHECKPOINT_DIR", args.checkpoint), ("--outputs", args.outputs),
                              ("--export-reference", args.export_reference), ("--list", args.list)] if on]
     if len(modes) != 1:
@@ -225,19 +256,26 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-COMMANDS = (_add_info, _add_train, _add_generate, _add_validate)
+COMMANDS = {"info": _add_info, "train": _add_train, "generate": _add_generate, "validate": _add_validate}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand's arguments, or, given `command` (the one being run), with that one's only:
+    the others are registered by name and help (for the usage and error messages) without their arguments, whose
+    choices and defaults would import the trainer or the validator."""
     parser = argparse.ArgumentParser(prog="python -m dsv3_ref", description="dsv3_ref: DeepSeek-V3 reference")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(sub)
+    for name, add in COMMANDS.items():
+        if command in (None, name):
+            add(sub)
+        else:
+            sub.add_parser(name, help=HELP[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # bad input: one clear line, no traceback

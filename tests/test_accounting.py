@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dsv3_ref import KVCache, ModelConfig, Transformer
+from dsv3_ref import PRESETS, KVCache, ModelConfig, Transformer
 from dsv3_ref.cli import main
+from dsv3_ref.nn import model as model_module
 from dsv3_ref.nn.moe import set_expert_impl
 from dsv3_ref.systems import accounting as acc
 
@@ -36,7 +37,7 @@ def cfg671():
 
 @pytest.fixture(scope="module")
 def meta671(cfg671):
-    return acc.check_counts(cfg671)  # ~10 s: built once for the module
+    return acc.check_counts(cfg671, full=True)  # the whole model, ~10 s: built once for the module
 
 
 # ------------------------------------------------------------------------------------------ 671B, closed form
@@ -87,6 +88,55 @@ def test_671b_meta_device_agrees(meta671):
     assert meta671 == FULL_671B
     assert sum(meta671[k] for k in acc.MAIN_COMPONENTS) == 671_026_419_200
     assert meta671["mtp"] == 11_610_068_224
+
+
+def test_671b_small_models_give_the_full_builds_counts(cfg671, meta671):
+    """The default: 4 models of at most 6 layers, extrapolated to 3 dense + 58 MoE layers (what `info` checks)."""
+    counts = acc.meta_param_counts(cfg671)
+    assert counts == meta671 and list(counts) == list(acc.COMPONENTS)
+    assert acc.check_counts(cfg671) == meta671
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "671B"])  # 671B: above, with the module's build
+def test_small_models_give_the_full_builds_counts(preset):
+    cfg = ModelConfig.from_preset(preset)
+    assert acc.meta_param_counts(cfg) == acc.meta_param_counts(cfg, full=True) == acc.param_counts(cfg)
+
+
+def test_the_small_models_built(monkeypatch):
+    """(1, 1), one more layer of each kind, then the check at (3, 3); a kind the config has none of stays at 0."""
+    built = []
+    real = acc._meta_build_counts
+
+    def recording(cfg):
+        built.append((cfg.n_dense_layers, cfg.n_moe_layers, cfg.n_mtp_layers))
+        return real(cfg)
+
+    monkeypatch.setattr(acc, "_meta_build_counts", recording)
+    for overrides, layers in [({"n_mtp_layers": 2}, [(1, 1), (2, 1), (1, 2), (3, 3)]),
+                              ({"n_dense_layers": 0}, [(0, 1), (0, 2), (0, 3)]),
+                              ({"n_dense_layers": 3}, [(1, 0), (2, 0), (3, 0)])]:
+        built.clear()
+        cfg = ModelConfig.from_preset("tiny", **overrides)
+        assert acc.meta_param_counts(cfg) == acc.param_counts(cfg)
+        assert built == [(*n, cfg.n_mtp_layers) for n in layers]
+
+
+def test_small_models_check_the_counts_are_linear(monkeypatch):
+    """A block whose parameters depended on its layer id (here: one of layer_id + 1 values in the attention) would
+    make the counts quadratic in the layer count: the fourth small model sees it."""
+    init = model_module.Block.__init__
+
+    def init_with_a_layer_sized_parameter(self, layer_id, cfg):
+        init(self, layer_id, cfg)
+        self.attn.extra = torch.nn.Parameter(torch.empty(layer_id + 1))
+
+    monkeypatch.setattr(model_module.Block, "__init__", init_with_a_layer_sized_parameter)
+    cfg = ModelConfig.from_preset("tiny")
+    with pytest.raises(RuntimeError, match=r"not linear in the layer counts at .* \(3, 3\): attention: predicted"):
+        acc.meta_param_counts(cfg)
+    with pytest.raises(RuntimeError, match="attention: closed form"):
+        acc.check_counts(cfg, full=True)
 
 
 # ------------------------------------------------------------------------------------------ V2 and V2-Lite
@@ -140,6 +190,7 @@ def test_small_configs_agree_both_ways(overrides):
     cfg = ModelConfig.from_preset("tiny", **overrides)
     closed = acc.param_counts(cfg)
     assert acc.check_counts(cfg) == closed
+    assert acc.meta_param_counts(cfg, full=True) == closed
     model = Transformer(cfg)  # a real model: the same grouping, and every tensor is counted once
     assert acc.count_by_component(model) == closed
     n_tensors = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
