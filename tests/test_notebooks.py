@@ -104,20 +104,12 @@ def test_readme_lists_exactly_the_notebooks():
     assert listed == present
 
 
-def _schedule_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("nbval_schedule", ROOT / "scripts" / "nbval_schedule.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_nbval_runs_side_by_side_only_the_one_thread_notebooks():
     """`make test` runs the notebooks of scripts/nbval_schedule.py's first list two at a time: each must pin one
     thread in its first code cells, before any work (another notebook beside a two-thread one oversubscribes the
     cores). Every notebook is in exactly one list; the parallel one starts with the slowest."""
-    script = _schedule_script()
+    from scripts import nbval_schedule as script
+
     parallel, serial = script.schedule()
     assert sorted(parallel + serial) == sorted(NOTEBOOKS) and not set(parallel) & set(serial)
     for path in parallel:
