@@ -23,10 +23,10 @@ def data() -> CorpusData:
     return CorpusData(seed=0, n_bytes=100_000)
 
 
-def _trainer(data, hooks=(), seed=0, model_overrides=None, **overrides) -> Trainer:
+def _trainer(data, hooks=(), seed=0, model_overrides=None, progress=False, **overrides) -> Trainer:
     model = Transformer(ModelConfig.from_preset("tiny", **(model_overrides or {})))
     model.reset_parameters(seed)
-    return Trainer(model, TrainConfig(**{**FAST, **overrides}), data, hooks=hooks, progress=False)
+    return Trainer(model, TrainConfig(**{**FAST, **overrides}), data, hooks=hooks, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -61,9 +61,7 @@ def test_progress_bar_refreshes_at_most_once_per_interval(data, monkeypatch):
             time.sleep(0.05)
 
     monkeypatch.setattr(trainer_module, "tqdm", CountingBar)
-    model = Transformer(ModelConfig.from_preset("tiny"))
-    model.reset_parameters(0)
-    trainer = Trainer(model, TrainConfig(**{**FAST, "steps": 30, "eval_every": 0}), data, hooks=[Slow()])
+    trainer = _trainer(data, hooks=[Slow()], progress=True, steps=30, eval_every=0)
     start = time.perf_counter()
     trainer.fit()
     elapsed = time.perf_counter() - start
