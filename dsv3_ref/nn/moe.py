@@ -214,13 +214,12 @@ def can_group(experts: nn.ModuleList, xs: torch.Tensor) -> bool:
     return dtype in GROUPED_DTYPES and plain and all(n * dtype.itemsize % 16 == 0 for n in experts[0].w1.weight.shape)
 
 
-def grouped_swiglu(experts: nn.ModuleList, xs: torch.Tensor, counts: list[int],
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
-    """experts[e](rows of expert e) for xs (P, dim) sorted by expert, counts[e] rows each -> (P, dim), in two grouped
-    GEMMs: [w1; w3] x (gate and up fused) and w2 h, each group one expert's GEMM on its slice of rows. With weights
-    (P, 1), each row's output is scaled by its weight: in float32 as w2 (h * w) on h (P, moe_inter_dim), the narrower
-    side (the small preset's CPU training step about 5% faster than scaling the (P, dim) output; equal to rounding);
-    in bfloat16 / float16 after the GEMM, as the loop does (scaling h there would round once more).
+def grouped_swiglu(experts: nn.ModuleList, xs: torch.Tensor, counts: list[int], weights: torch.Tensor) -> torch.Tensor:
+    """weights[p] * experts[e](xs[p]) for the rows p of expert e, xs (P, dim) sorted by expert, counts[e] rows each,
+    weights (P, 1) -> (P, dim), in two grouped GEMMs: [w1; w3] x (gate and up fused) and w2 h, each group one expert's
+    GEMM on its slice of rows. In float32 the weights scale h (P, moe_inter_dim), the narrower side: w2 (h * w) =
+    (w2 h) * w (the small preset's CPU training step about 5% faster than scaling the (P, dim) output; equal to
+    rounding); in bfloat16 / float16 they scale the output, as the loop does (scaling h there would round once more).
 
     The experts' weights are stacked per call (the state dict keeps experts.{e}.w1/w2/w3); idle experts are left out,
     so that, as in the loop, their weights get no gradient. Inside an autocast region it computes in the autocast
@@ -234,7 +233,7 @@ def grouped_swiglu(experts: nn.ModuleList, xs: torch.Tensor, counts: list[int],
     gate, up = F.grouped_mm(xs.to(dtype), rearrange(w13.to(dtype), "e out dim -> e dim out"),
                             offs=ends).chunk(2, dim=-1)  # (P, inter) each
     h = F.silu(gate) * up  # (P, inter)
-    if weights is not None and dtype == torch.float32:  # scale the narrower h: w2 (h * w) = (w2 h) * w
-        h, weights = h * weights, None
-    out = F.grouped_mm(h, rearrange(w2.to(dtype), "e dim inter -> e inter dim"), offs=ends)  # (P, dim)
-    return out if weights is None else out * weights  # in 16 bits, after the GEMM, as the loop (one rounding less)
+    w2 = rearrange(w2.to(dtype), "e dim inter -> e inter dim")
+    if dtype == torch.float32:
+        return F.grouped_mm(h * weights, w2, offs=ends)  # (P, dim)
+    return F.grouped_mm(h, w2, offs=ends) * weights
