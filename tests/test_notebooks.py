@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts import nbval_schedule  # the README's runtime table, as `make test` schedules by it
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "notebooks").glob("*/*.ipynb"))
 MACHINE_PATHS = re.compile(r"(/work/|/tmp/|/home/|/root/|/Users/|[A-Z]:\\\\)")
@@ -108,16 +110,14 @@ def test_nbval_runs_side_by_side_only_the_one_thread_notebooks():
     """`make test` runs the notebooks of scripts/nbval_schedule.py's first list two at a time: each must pin one
     thread in its first code cells, before any work (another notebook beside a two-thread one oversubscribes the
     cores). Every notebook is in exactly one list; the parallel one starts with the slowest."""
-    from scripts import nbval_schedule as script
-
-    parallel, serial = script.schedule()
+    parallel, serial = nbval_schedule.schedule()
     assert sorted(parallel + serial) == sorted(NOTEBOOKS) and not set(parallel) & set(serial)
     for path in parallel:
         code = [_text(c) for c in _load(path)["cells"] if c["cell_type"] == "code"]
         first = next(i for i, src in enumerate(code) if "set_num_threads" in src)
-        assert first <= 1 and script.PIN.findall(code[first]) == ["1"], f"{path.name}: pins in code cell {first}"
+        assert first <= 1 and nbval_schedule.PIN.findall(code[first]) == ["1"], f"{path.name}: code cell {first}"
     assert {p.stem for p in serial} >= {"60_putting_it_together", "70_sparse_attention"}  # they pin two threads
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    runtime = {m[0]: float(m[1]) for m in script.README_RUNTIME.findall(readme)}
+    runtime = {m[0]: float(m[1]) for m in nbval_schedule.README_RUNTIME.findall(readme)}
     timed = [runtime[p.stem] for p in parallel if p.stem in runtime]
     assert len(timed) >= 5 and timed == sorted(timed, reverse=True)
